@@ -1,0 +1,22 @@
+"""nas-grouping: learn how to group the channels of CNNs, then export models that are really smaller and faster.
+
+DGConv2d (GroupNet, ICCV 2019) is a differentiable search operator whose number
+of groups is learned; the self-grouping pass (SG-CNN, 2020) compresses any
+trained model into diverse group convolutions. MACs are multiply-accumulates.
+"""
+
+from .convert import arch_parameters, conversion_plan, convert_to_dgconv, dgconv_layers, weight_parameters
+from .errors import BudgetError, ConfigError, DataError, ExportError, MissingDependencyError, NasGroupingError
+from .export import export_model, load_model, save_model
+from .macs import count_macs, count_parameters, layer_macs
+from .ops import DGConv2d, PermutedGroupConv2d
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "DGConv2d", "PermutedGroupConv2d",
+    "convert_to_dgconv", "conversion_plan", "dgconv_layers", "arch_parameters", "weight_parameters",
+    "count_macs", "count_parameters", "layer_macs",
+    "export_model", "save_model", "load_model",
+    "NasGroupingError", "ConfigError", "BudgetError", "DataError", "ExportError", "MissingDependencyError",
+]

@@ -1,0 +1,197 @@
+"""Counting multiply-accumulates (MACs) and parameters, per layer and per model.
+
+One analytic counter is the source of truth: a shape-probe forward pass records
+each counted layer's output size, and the layer's MACs follow from its weight
+structure. Modules that know their own cost (DGConv2d, the exported diverse-group
+layers) expose ``macs(output_size)`` and are asked directly; their children are
+not counted again. Plain convolutions and linear layers use the standard formula
+(grouped weights already encode the division by groups). Bias, BN, activations
+and pooling are not counted, as in ``torch.utils.flop_counter.FlopCounterMode``;
+note that FlopCounterMode reports FLOPs = 2 x MACs.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Any, Iterator, Sequence
+
+import torch
+from torch import Tensor, nn
+from torch.nn.modules.conv import _ConvNd
+
+from .errors import ConfigError
+
+__all__ = ["LayerMacs", "layer_macs", "count_macs", "count_parameters", "flop_counter_macs", "check_input_size"]
+
+
+@dataclass(frozen=True)
+class LayerMacs:
+    """Cost of one counted layer for one sample."""
+
+    name: str
+    kind: str
+    in_channels: int
+    out_channels: int
+    kernel_size: tuple[int, ...]
+    groups: int | None
+    output_size: tuple[int, ...]
+    macs: int
+    params: int
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def check_input_size(input_size: Sequence[int]) -> tuple[int, ...]:
+    """Validate a per-sample input size such as (C, H, W)."""
+    try:
+        size = tuple(int(s) for s in input_size)
+    except (TypeError, ValueError):
+        raise ConfigError(f"input_size must be a sequence of ints such as (3, 32, 32), got {input_size!r}") from None
+    if not size or any(s < 1 for s in size):
+        raise ConfigError(f"input_size must be positive sizes such as (3, 32, 32), without the batch, got {size}")
+    return size
+
+
+def _counted_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+    """The modules whose cost is counted: self-describing ones first, then conv/linear leaves."""
+    claimed: list[str] = []
+    for name, module in model.named_modules():
+        if any(name == c or name.startswith(c + ".") for c in claimed):
+            continue
+        if callable(getattr(module, "macs", None)):
+            claimed.append(name)
+            yield name, module
+        elif isinstance(module, (_ConvNd, nn.Linear)):
+            yield name, module
+
+
+def _standard_macs(module: nn.Module, inp: Tensor, out: Tensor) -> int:
+    if isinstance(module, nn.Linear):
+        return (out.numel() // out.shape[0]) * module.in_features
+    if isinstance(module, _ConvNd) and module.transposed:
+        taps = math.prod(module.kernel_size)
+        return (inp.numel() // inp.shape[0]) * (module.out_channels // module.groups) * taps
+    assert isinstance(module, _ConvNd)
+    return (out.numel() // out.shape[0]) * module.weight[0].numel()
+
+
+def _params(module: nn.Module) -> int:
+    fn = getattr(module, "num_parameters", None)
+    if callable(fn):
+        return int(fn())
+    return sum(p.numel() for p in module.parameters())
+
+
+def _describe(module: nn.Module) -> tuple[int, int, tuple[int, ...], int | None]:
+    if isinstance(module, nn.Linear):
+        return module.in_features, module.out_features, (), 1
+    in_c = int(getattr(module, "in_channels", getattr(module, "in_features", 0)))
+    out_c = int(getattr(module, "out_channels", getattr(module, "out_features", 0)))
+    kernel = tuple(getattr(module, "kernel_size", ()) or ())
+    groups = getattr(module, "learned_groups", None)
+    if groups is None and isinstance(module, _ConvNd):
+        groups = module.groups
+    return in_c, out_c, kernel, (int(groups) if isinstance(groups, int) else None)
+
+
+def layer_macs(model: nn.Module, input_size: Sequence[int]) -> list[LayerMacs]:
+    """Per-layer MACs and parameters of ``model`` for one sample of ``input_size`` (C, H, W).
+
+    Runs one forward pass on a zero batch of one sample in eval mode (the
+    model's train/eval flags are restored afterwards).
+    """
+    size = check_input_size(input_size)
+    records: dict[str, tuple[nn.Module, Tensor, Tensor]] = {}
+    handles = []
+    counted = list(_counted_modules(model))
+    for name, module in counted:
+        def hook(mod, args, out, _name=name):
+            records[_name] = (mod, args[0], out)
+        handles.append(module.register_forward_hook(hook))
+    flags = {m: m.training for m in model.modules()}
+    try:
+        ref = next(model.parameters(), None)
+        device = ref.device if ref is not None else torch.device("cpu")
+        dtype = ref.dtype if ref is not None and ref.is_floating_point() else torch.float32
+        x = torch.zeros(1, *size, device=device, dtype=dtype)
+        model.eval()
+        with torch.no_grad():
+            try:
+                model(x)
+            except ConfigError:
+                raise
+            except (RuntimeError, ValueError) as exc:
+                raise ConfigError(
+                    f"counting MACs: a forward pass of one sample of size {size} failed: {exc}. "
+                    "Check input_size (channels, height, width, without the batch)."
+                ) from exc
+    finally:
+        for h in handles:
+            h.remove()
+        for m, t in flags.items():
+            m.training = t
+    rows = []
+    for name, module in counted:
+        if name not in records:
+            continue  # defined but not used in forward
+        mod, inp, out = records[name]
+        out_size = tuple(out.shape[2:])
+        own = getattr(mod, "macs", None)
+        macs = int(own(out_size)) if callable(own) else _standard_macs(mod, inp, out)
+        in_c, out_c, kernel, groups = _describe(mod)
+        rows.append(LayerMacs(name, type(mod).__name__, in_c, out_c, kernel, groups, out_size, macs, _params(mod)))
+    return rows
+
+
+def count_macs(model: nn.Module, input_size: Sequence[int]) -> int:
+    """Total MACs per sample (conv and linear layers; DGConv2d at its current gates)."""
+    return sum(r.macs for r in layer_macs(model, input_size))
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Parameters a deployed model holds: DGConv2d layers count their kept weights, gates not at all."""
+    total, seen = 0, set()
+    for _, module in _counted_modules(model):
+        if callable(getattr(module, "num_parameters", None)):
+            total += int(module.num_parameters())
+            seen.update(id(p) for p in module.parameters())
+    return total + sum(p.numel() for p in model.parameters() if id(p) not in seen)
+
+
+def _effective_conv_flops(x, w, bias, stride, padding, dilation, transposed, *args, out_val=None, **kwargs) -> int:
+    """FlopCounterMode formula for aten.convolution counting nonzero weights only."""
+    nnz_per_out = int((w != 0).sum()) // w.shape[0] if not transposed else int((w != 0).sum())
+    if transposed:
+        return 2 * x.shape[0] * math.prod(x.shape[2:]) * nnz_per_out
+    return 2 * out_val.shape[0] * out_val.shape[1] * math.prod(out_val.shape[2:]) * nnz_per_out
+
+
+_effective_conv_flops._get_raw = True  # type: ignore[attr-defined]
+
+
+def flop_counter_macs(model: nn.Module, input_size: Sequence[int], *, effective: bool = False) -> int:
+    """MACs per sample as PyTorch's FlopCounterMode sees them (its FLOPs / 2), forward only.
+
+    With ``effective=True`` convolutions count only their nonzero weights, which
+    gives exact effective MACs for masked weights (DGConv2d); no counter of
+    PyTorch understands masks otherwise. Used to verify ``count_macs``.
+    """
+    from torch.utils.flop_counter import FlopCounterMode
+
+    size = check_input_size(input_size)
+    ref = next(model.parameters(), None)
+    device = ref.device if ref is not None else torch.device("cpu")
+    x = torch.zeros(1, *size, device=device)
+    mapping = {torch.ops.aten.convolution: _effective_conv_flops} if effective else {}
+    flags = {m: m.training for m in model.modules()}
+    model.eval()
+    try:
+        with torch.no_grad(), FlopCounterMode(display=False, custom_mapping=mapping) as counter:
+            model(x)
+    finally:
+        for m, t in flags.items():
+            m.training = t
+    total = counter.get_total_flops()
+    return total // 2
