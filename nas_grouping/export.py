@@ -18,13 +18,13 @@ from __future__ import annotations
 import copy
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 from torch import nn
 
+from ._io import atomic_write
 from .convert import _set_submodule, dgconv_layers
 from .errors import ExportError
 from .ops.dgconv import DGConv2d
@@ -143,20 +143,6 @@ def export_model(model: nn.Module, *, inplace: bool = False) -> nn.Module:
 
 # ---------------------------------------------------------------- save / load
 
-def _atomic_write_bytes(path: Path, write: Callable[[Any], None]) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def save_model(model: nn.Module, path: str | os.PathLike, *, recipe: dict[str, Any] | None = None,
                extra: dict[str, Any] | None = None) -> Path:
     """Save ``model`` as ``path/weights.pt`` + ``path/architecture.json``; returns the folder.
@@ -190,8 +176,8 @@ def save_model(model: nn.Module, path: str | os.PathLike, *, recipe: dict[str, A
     except TypeError as exc:
         raise ExportError(f"recipe and extra must be JSON-serialisable: {exc}") from exc
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    _atomic_write_bytes(folder / "weights.pt", lambda f: torch.save(state, f))
-    _atomic_write_bytes(folder / "architecture.json", lambda f: f.write(text.encode()))
+    atomic_write(folder / "weights.pt", lambda f: torch.save(state, f))
+    atomic_write(folder / "architecture.json", lambda f: f.write(text.encode()))
     return folder
 
 

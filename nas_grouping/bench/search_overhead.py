@@ -1,0 +1,54 @@
+"""Search overhead: wall time of one search epoch relative to one dense epoch of the same network.
+
+Both epochs run through the same ``train_epoch`` on the same data and batches,
+interleaved, so the ratio is fair on a noisy machine. Goal: at most 1.2x.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from ..budget import AdditiveRegularizer, ModelCost
+from ..convert import arch_parameters, weight_parameters
+from ..data import DataConfig, load_datasets
+from ..runtime import setup_runtime
+from ..training import epoch_loader, seed_everything, train_epoch
+from .timing import machine_info
+
+__all__ = ["bench_search_overhead"]
+
+
+def bench_search_overhead(*, space: str = "resnet20", rounds: int = 3, batch_size: int = 64,
+                          channels_last: bool = False, seed: int = 0) -> dict:
+    """Median epoch times of dense training and of the search phase (gates + regularizer)."""
+    from search_spaces import get_space
+
+    rt = setup_runtime("cpu", "32", channels_last)
+    ds = load_datasets(DataConfig(batch_size=batch_size))
+    seed_everything(seed)
+    dense = rt.prepare(get_space(space, num_classes=ds.num_classes, in_channels=ds.in_channels, dense=True))
+    searched = rt.prepare(get_space(space, num_classes=ds.num_classes, in_channels=ds.in_channels))
+    cost = ModelCost(searched, (ds.in_channels, *ds.input_size))
+    budget = cost.dense_macs // 2
+    reg = AdditiveRegularizer(2.0)
+    opt_d = torch.optim.SGD(dense.parameters(), lr=0.01, momentum=0.9)
+    opt_w = torch.optim.SGD(weight_parameters(searched), lr=0.01, momentum=0.9)
+    opt_g = torch.optim.Adam(arch_parameters(searched), lr=1e-3)
+    times: dict[str, list[float]] = {"dense": [], "search": []}
+    for r in range(rounds + 1):
+        for name in ("dense", "search"):
+            loader = epoch_loader(ds.train, rt, batch_size=batch_size, train=True, seed=seed, epoch=r)
+            start = time.perf_counter()
+            if name == "dense":
+                train_epoch(dense, loader, rt, weight_optimizer=opt_d)
+            else:
+                train_epoch(searched, loader, rt, weight_optimizer=opt_w, gate_optimizer=opt_g,
+                            loss_hook=lambda task: reg(task, cost.expected_macs(), budget))
+            if r > 0:  # round 0 is the warm-up
+                times[name].append(time.perf_counter() - start)
+    med = {k: sorted(v)[len(v) // 2] for k, v in times.items()}
+    return {"space": space, "dataset": "digits", "batch_size": batch_size, "channels_last": channels_last,
+            "dense_epoch_s": med["dense"], "search_epoch_s": med["search"],
+            "overhead": med["search"] / med["dense"], "rounds": rounds, **machine_info()}

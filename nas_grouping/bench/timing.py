@@ -1,0 +1,31 @@
+"""Side-by-side timing: warm-up, interleaved repetitions, median; thread count recorded."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Callable
+
+import torch
+
+__all__ = ["median_ms", "machine_info"]
+
+
+def median_ms(fns: dict[str, Callable[[], object]], *, warmup: int = 3, repeats: int = 10) -> dict[str, float]:
+    """Median wall time (ms) of each function. They take turns within every repetition,
+    so a noisy neighbour slows all of them alike and the ratios stay fair."""
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return {k: statistics.median(v) * 1e3 for k, v in times.items()}
+
+
+def machine_info() -> dict[str, object]:
+    return {"torch": torch.__version__, "threads": torch.get_num_threads(),
+            "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"}

@@ -1,0 +1,162 @@
+"""MAC budgets and the resource regularizers that drive DGConv gates toward them.
+
+A budget is one object: absolute MACs or a fraction of the dense model.
+``ModelCost`` turns a model with DGConv2d layers into a differentiable expected
+cost in real MACs (connections x kernel taps x output positions), so the
+regularizer acts on what a FLOP budget means, not on the paper's connection
+count. Two regularizers: the paper's multiplicative form and an additive penalty.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+from torch import Tensor, nn
+
+from .convert import dgconv_layers
+from .errors import BudgetError, ConfigError
+from .macs import layer_macs
+from .ops.dgconv import DGConv2d
+
+__all__ = ["MacBudget", "ModelCost", "MultiplicativeRegularizer", "AdditiveRegularizer", "make_regularizer"]
+
+
+@dataclass(frozen=True)
+class MacBudget:
+    """A MAC budget: ``macs`` per sample, or ``fraction`` of the dense model's MACs."""
+
+    macs: int | None = None
+    fraction: float | None = None
+
+    def __post_init__(self) -> None:
+        if (self.macs is None) == (self.fraction is None):
+            raise ConfigError("MacBudget: give exactly one of macs= or fraction=")
+        if self.fraction is not None and not 0 < self.fraction <= 1:
+            raise ConfigError(f"MacBudget: fraction must be in (0, 1], got {self.fraction}")
+        if self.macs is not None and self.macs <= 0:
+            raise ConfigError(f"MacBudget: macs must be > 0, got {self.macs}")
+
+    @classmethod
+    def parse(cls, value: float | int | str) -> "MacBudget":
+        """``0.5`` -> half the dense MACs; ``12e6`` or ``"12M"`` -> absolute MACs."""
+        if isinstance(value, str):
+            v = value.strip().upper()
+            scale = {"K": 1e3, "M": 1e6, "G": 1e9}.get(v[-1:], None)
+            try:
+                number = float(v[:-1]) * scale if scale else float(v)
+            except ValueError:
+                raise ConfigError(f"budget {value!r}: expected a fraction such as 0.5 or MACs such as 12M") from None
+            value = number
+        if value <= 1:
+            return cls(fraction=float(value))
+        return cls(macs=int(value))
+
+    def resolve(self, dense_macs: int) -> int:
+        """The budget in MACs for a model whose dense cost is ``dense_macs``."""
+        return int(self.macs) if self.macs is not None else int(self.fraction * dense_macs)
+
+    def describe(self, dense_macs: int) -> str:
+        target = self.resolve(dense_macs)
+        return f"{target:,} MACs ({target / dense_macs:.1%} of dense {dense_macs:,})"
+
+
+class ModelCost:
+    """Differentiable expected MACs of a model whose searchable layers are DGConv2d.
+
+    Output sizes come from one shape-probe forward at construction; the fixed
+    part (every layer that is not a DGConv2d) is counted then as well.
+    """
+
+    def __init__(self, model: nn.Module, input_size: Sequence[int]) -> None:
+        rows = {r.name: r for r in layer_macs(model, input_size)}
+        self.layers: list[tuple[str, DGConv2d, tuple[int, int]]] = []
+        for name, layer in dgconv_layers(model):
+            if name in rows:
+                self.layers.append((name, layer, rows[name].output_size))
+        searchable = {name for name, _, _ in self.layers}
+        self.fixed_macs = sum(r.macs for n, r in rows.items() if n not in searchable)
+        self.input_size = tuple(input_size)
+
+    def _sum(self, per_layer) -> int:
+        return self.fixed_macs + sum(per_layer(layer, size) for _, layer, size in self.layers)
+
+    @property
+    def dense_macs(self) -> int:
+        """MACs with every gate on."""
+        return self._sum(lambda m, s: m.out_channels * m.in_channels * m.kernel_size[0] * m.kernel_size[1] * s[0] * s[1])
+
+    @property
+    def minimum_macs(self) -> int:
+        """MACs with every gate off (each DGConv2d at its largest group count)."""
+        return self._sum(lambda m, s: m.out_channels * m.in_channels // m.max_groups
+                         * m.kernel_size[0] * m.kernel_size[1] * s[0] * s[1])
+
+    def current_macs(self) -> int:
+        """MACs of the current binary gates (what the exported model will cost)."""
+        return self._sum(lambda m, s: m.macs(s))
+
+    def expected_macs(self) -> Tensor:
+        """Differentiable MACs (equal to ``current_macs`` for binary gates)."""
+        terms = [layer.expected_macs(size) for _, layer, size in self.layers]
+        if not terms:
+            return torch.tensor(float(self.fixed_macs))
+        return self.fixed_macs + torch.stack(terms).sum()
+
+    def layer_savings(self) -> list[tuple[str, DGConv2d, int, int]]:
+        """(name, layer, gate index, MACs saved) for every gate that is on: turning it off halves the layer."""
+        out = []
+        for name, layer, size in self.layers:
+            gates = layer.gate_values()
+            for j in range(layer.num_gates):
+                if gates[j] > 0.5:
+                    out.append((name, layer, j, layer.macs(size) // 2))
+        return out
+
+    def check_budget(self, budget_macs: int) -> None:
+        """Raise BudgetError when no gate configuration reaches ``budget_macs``."""
+        if budget_macs < self.minimum_macs:
+            raise BudgetError(
+                f"a budget of {budget_macs:,} MACs cannot be met: with every DGConv layer at its largest "
+                f"group count the model still costs {self.minimum_macs:,} MACs "
+                f"({self.minimum_macs / self.dense_macs:.1%} of dense {self.dense_macs:,}), of which "
+                f"{self.fixed_macs:,} are in layers that are not searched. Raise the budget to at least "
+                f"{self.minimum_macs / self.dense_macs:.3f} of dense, or make more layers searchable."
+            )
+
+
+@dataclass(frozen=True)
+class MultiplicativeRegularizer:
+    """The paper's form: loss x (cost / budget)^exponent while over budget, loss otherwise.
+
+    Equivalent to the paper's L x (o / zeta)^a with a = -exponent.
+    """
+
+    exponent: float = 0.5
+
+    def __call__(self, task_loss: Tensor, cost: Tensor, budget_macs: int) -> Tensor:
+        ratio = cost / budget_macs
+        factor = torch.where(ratio > 1, ratio.clamp_min(1) ** self.exponent, torch.ones_like(ratio))
+        return task_loss * factor
+
+
+@dataclass(frozen=True)
+class AdditiveRegularizer:
+    """loss + strength x relu(cost / budget - 1): pressure that does not fade as the loss falls."""
+
+    strength: float = 2.0
+
+    def __call__(self, task_loss: Tensor, cost: Tensor, budget_macs: int) -> Tensor:
+        return task_loss + self.strength * torch.relu(cost / budget_macs - 1)
+
+
+def make_regularizer(kind: str, strength: float) -> MultiplicativeRegularizer | AdditiveRegularizer:
+    """``"additive"`` (strength = lambda) or ``"multiplicative"`` (strength = exponent)."""
+    if strength <= 0:
+        raise ConfigError(f"regularizer strength must be > 0, got {strength}")
+    if kind == "additive":
+        return AdditiveRegularizer(strength)
+    if kind == "multiplicative":
+        return MultiplicativeRegularizer(strength)
+    raise ConfigError(f"unknown regularizer {kind!r}: expected 'additive' or 'multiplicative'")

@@ -1,0 +1,329 @@
+"""The budget-constrained DGConv search loop, in plain PyTorch.
+
+Phases, by epoch: warm-up (weights only), search (weights and gates, the
+regularizer pulling the expected MACs under the budget), then fine-tuning with
+frozen gates. Between search and fine-tuning the gates are *projected*: if the
+binary gates still cost more than the budget, the gates whose removal costs the
+least loss per saved MAC (first-order estimate on training batches) are turned
+off until the model fits, so the exported model always meets the budget.
+
+The same loop runs in one process and under ``torchrun`` (see ``runtime``): the
+gates are DDP parameters, the regularizer is computed from them on every rank
+(identically), and only rank 0 writes the run folder.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from .budget import MacBudget, ModelCost, make_regularizer
+from .config import SearchConfig, config_from_dict, config_to_dict
+from .convert import arch_parameters, dgconv_layers, weight_parameters
+from .data import load_datasets, split_dataset
+from .errors import ConfigError
+from .export import export_model, save_model
+from .macs import count_macs, count_parameters, layer_macs
+from .runtime import Runtime, setup_runtime, unwrap
+from .training import epoch_loader, evaluate, load_checkpoint, save_checkpoint, seed_everything, train_epoch
+
+__all__ = ["search", "SearchResult", "project_to_budget", "build_search_model"]
+
+CHECKPOINT = "checkpoint.pt"
+#: settings that may differ between a run and its resumption
+RESUMABLE_CHANGES = frozenset({"progress", "device", "out"})
+
+
+@dataclass
+class SearchResult:
+    """What a search returns: the exported model, the searched supernet, and the summary written to disk."""
+
+    model: nn.Module
+    searched: nn.Module
+    summary: dict[str, Any]
+    history: list[dict[str, Any]]
+    run_dir: Path
+
+
+def build_search_model(cfg: SearchConfig, num_classes: int, in_channels: int) -> nn.Module:
+    """The search space of ``cfg`` for a data set (DGConv layers get ``cfg.gate_init``)."""
+    from search_spaces import get_space
+
+    model = get_space(cfg.space, num_classes=num_classes, in_channels=in_channels, dense=cfg.dense,
+                      **cfg.space_kwargs)
+    for _, layer in dgconv_layers(model):
+        with torch.no_grad():
+            layer.gate_latent.copy_(layer.gate_latent.sign() * cfg.gate_init)
+    return model
+
+
+def groups_per_layer(model: nn.Module) -> dict[str, int]:
+    return {name: layer.learned_groups for name, layer in dgconv_layers(unwrap(model))}
+
+
+def _gate_gradients(model: nn.Module, batches: list, rt: Runtime) -> list[torch.Tensor]:
+    """dL/dg for every DGConv layer's gates, averaged over ``batches`` (all-reduced under DDP)."""
+    params = arch_parameters(unwrap(model))
+    for p in params:
+        p.grad = None
+    model.train()
+    for x, y in batches:
+        x, y = rt.to_device(x), torch.as_tensor(y).to(rt.device).long()
+        with rt.autocast():
+            loss = F.cross_entropy(model(x).float(), y) / len(batches)
+        loss.backward()
+    grads = [p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p) for p in params]
+    for p in unwrap(model).parameters():
+        p.grad = None
+    return grads
+
+
+def project_to_budget(model: nn.Module, cost: ModelCost, budget_macs: int, batches: list,
+                      rt: Runtime) -> list[dict[str, Any]]:
+    """Turn off gates, cheapest loss per saved MAC first, until ``cost.current_macs() <= budget_macs``.
+
+    The loss change of turning gate j off is estimated to first order as -dL/dg_j
+    (the straight-through gradient at the binary point). Returns the flips made.
+    """
+    flips: list[dict[str, Any]] = []
+    layers = [layer for _, layer in dgconv_layers(unwrap(model))]
+    while cost.current_macs() > budget_macs:
+        grads = _gate_gradients(model, batches, rt)
+        grad_of = {id(layer): g for layer, g in zip(layers, grads)}
+        best = None
+        for name, layer, j, saved in cost.layer_savings():
+            if saved <= 0:
+                continue
+            increase = -float(grad_of[id(layer)][j])
+            score = increase / saved
+            if best is None or score < best[0]:
+                best = (score, name, layer, j, saved, increase)
+        if best is None:  # cannot happen after check_budget, but never loop forever
+            raise ConfigError(f"projection: no gate left to turn off above the budget of {budget_macs:,} MACs")
+        _, name, layer, j, saved, increase = best
+        gates = layer.gate_values().tolist()
+        gates[j] = 0
+        layer.set_gates(gates)
+        flips.append({"layer": name, "gate": j, "macs_saved": saved, "estimated_loss_increase": increase,
+                      "groups_after": layer.learned_groups})
+    return flips
+
+
+def _phase(cfg: SearchConfig, epoch: int) -> str:
+    if cfg.dense:
+        return "train"
+    if epoch < cfg.warmup_epochs:
+        return "warmup"
+    return "search" if epoch < cfg.epochs else "finetune"
+
+
+def _set_gate_training(model: nn.Module, on: bool) -> None:
+    for _, layer in dgconv_layers(model):
+        layer.gate_latent.requires_grad_(on)
+
+
+def _check_resume(saved: dict[str, Any], cfg: SearchConfig) -> None:
+    now = config_to_dict(cfg)
+    diffs = [k for k in now if k not in RESUMABLE_CHANGES and saved.get(k) != now[k]]
+    if diffs:
+        detail = "; ".join(f"{k}: run has {saved.get(k)!r}, now {now[k]!r}" for k in diffs)
+        raise ConfigError(f"--resume with other settings than the run in {cfg.out}: {detail}. "
+                          "Resume with the same settings, or choose another --out.")
+
+
+class _Cycle:
+    """Endless iterator over freshly seeded epoch loaders (the bi-level gate data)."""
+
+    def __init__(self, dataset, rt: Runtime, batch_size: int, seed: int) -> None:
+        self.dataset, self.rt, self.batch_size, self.seed = dataset, rt, batch_size, seed
+        self.round = 0
+        self.it: Iterator | None = None
+
+    def next(self):
+        while True:
+            if self.it is None:
+                self.it = iter(epoch_loader(self.dataset, self.rt, batch_size=self.batch_size, train=True,
+                                            seed=self.seed + 7919, epoch=self.round))
+                self.round += 1
+            try:
+                return next(self.it)
+            except StopIteration:
+                self.it = None
+
+
+def search(cfg: SearchConfig, *, resume: bool = False) -> SearchResult:
+    """Run a budget-constrained DGConv search (or dense training with ``cfg.dense``) and export the result.
+
+    Writes to ``cfg.out``: ``config.json``, ``checkpoint.pt`` (every epoch, atomically),
+    ``history.csv``, ``layers.csv``, ``summary.json``, plots, and ``model/`` (the
+    exported model, loadable with ``load_model``).
+
+    Raises:
+        BudgetError: the budget is below what the most grouped configuration costs.
+        ConfigError / DataError: bad settings or data, before any training.
+    """
+    from . import report
+
+    start_time = time.perf_counter()
+    rt = setup_runtime(cfg.device, cfg.precision, cfg.channels_last)
+    out = Path(cfg.out)
+    ds = load_datasets(cfg.data)
+    input_size = (ds.in_channels, *ds.input_size)
+    seed_everything(cfg.seed)
+    base = build_search_model(cfg, ds.num_classes, ds.in_channels)
+    cost = ModelCost(base, input_size)
+    dense_macs = cost.dense_macs
+    budget = MacBudget.parse(cfg.budget)
+    budget_macs = budget.resolve(dense_macs) if not cfg.dense else dense_macs
+    if not cfg.dense:
+        if not dgconv_layers(base):
+            raise ConfigError(f"space {cfg.space!r} has no DGConv2d layer to search")
+        cost.check_budget(budget_macs)
+
+    train_set, gate_set = ds.train, None
+    if cfg.bilevel and not cfg.dense:
+        train_set, gate_set = split_dataset(ds.train, cfg.gate_split, seed=cfg.seed)
+
+    weight_opt = torch.optim.SGD(weight_parameters(base), lr=cfg.lr, momentum=cfg.momentum,
+                                 weight_decay=cfg.weight_decay, nesterov=cfg.momentum > 0)
+    gate_opt = torch.optim.Adam(arch_parameters(base), lr=cfg.gate_lr, betas=(0.5, 0.999), weight_decay=0.0) \
+        if not cfg.dense else None
+    total = cfg.total_epochs if not cfg.dense else cfg.epochs + cfg.finetune_epochs
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(weight_opt, T_max=total)
+    scaler = rt.grad_scaler() if cfg.precision == "16" else None
+    regularizer = make_regularizer(cfg.regularizer, cfg.reg_strength)
+
+    history: list[dict[str, Any]] = []
+    flips: list[dict[str, Any]] | None = None
+    start_epoch = 0
+    if resume:
+        ckpt = load_checkpoint(out / CHECKPOINT)
+        _check_resume(ckpt["config"], cfg)
+        base.load_state_dict(ckpt["model"])
+        weight_opt.load_state_dict(ckpt["weight_opt"])
+        if gate_opt is not None and ckpt.get("gate_opt") is not None:
+            gate_opt.load_state_dict(ckpt["gate_opt"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+        history, flips, start_epoch = ckpt["history"], ckpt["flips"], ckpt["next_epoch"]
+        torch.set_rng_state(ckpt["rng"])
+    elif rt.is_main and (out / CHECKPOINT).exists():
+        raise ConfigError(f"{out} already holds a run; pass --resume to continue it, or choose another --out")
+    if rt.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        report.write_json(out / "config.json", config_to_dict(cfg))
+
+    if rt.is_main:
+        tqdm.write(f"[nas-grouping] {cfg.space} on {ds.name}: dense {dense_macs:,} MACs/sample, "
+                   + ("dense training" if cfg.dense else f"budget {budget.describe(dense_macs)}")
+                   + f", device {rt.device}, {rt.world_size} process(es)")
+    model = None
+    current_phase = None
+    bar = tqdm(range(start_epoch, total), desc="epochs", disable=not (cfg.progress and rt.is_main),
+               initial=start_epoch, total=total, dynamic_ncols=True)
+    for epoch in bar:
+        phase = _phase(cfg, epoch)
+        if phase == "finetune" and flips is None:
+            model = model or rt.prepare(base)
+            batches = [b for _, b in zip(range(4), epoch_loader(train_set, rt, batch_size=cfg.data.batch_size,
+                                                                 train=True, seed=cfg.seed + 31, epoch=epoch))]
+            _set_gate_training(base, True)
+            model = rt.prepare(base)
+            flips = project_to_budget(model, cost, budget_macs, batches, rt)
+            if flips and rt.is_main:
+                tqdm.write(f"[nas-grouping] projected {len(flips)} gate(s) off to meet the budget: "
+                           + ", ".join(f"{f['layer']}->G={f['groups_after']}" for f in flips))
+        if phase != current_phase:
+            _set_gate_training(base, phase == "search")
+            model = rt.prepare(base)
+            current_phase = phase
+        loader = epoch_loader(train_set, rt, batch_size=cfg.data.batch_size, train=True, seed=cfg.seed,
+                              epoch=epoch, num_workers=cfg.data.num_workers)
+        kwargs: dict[str, Any] = {}
+        if phase == "search":
+            def loss_hook(task, _reg=regularizer):
+                return _reg(task, cost.expected_macs(), budget_macs)
+            if cfg.bilevel:
+                gates_data = _Cycle(gate_set, rt, cfg.data.batch_size, cfg.seed + epoch)
+
+                def gate_step(_m=model, _g=gates_data):
+                    x, y = _g.next()
+                    x, y = rt.to_device(x), torch.as_tensor(y).to(rt.device).long()
+                    gate_opt.zero_grad(set_to_none=True)
+                    with rt.autocast():
+                        task = F.cross_entropy(_m(x).float(), y)
+                    regularizer(task, cost.expected_macs(), budget_macs).backward()
+                    gate_opt.step()
+                kwargs.update(loss_hook=None, gate_step=gate_step)
+            else:
+                kwargs.update(loss_hook=loss_hook, gate_optimizer=gate_opt)
+        stats = train_epoch(model, loader, rt, weight_optimizer=weight_opt, scaler=scaler, progress=cfg.progress,
+                            desc=f"epoch {epoch + 1}/{total} {phase}", **kwargs)
+        scheduler.step()
+        val = evaluate(model, epoch_loader(ds.val, rt, batch_size=256, train=False, seed=0, epoch=0), rt)
+        row = {"epoch": epoch + 1, "phase": phase, "lr": weight_opt.param_groups[0]["lr"],
+               "train_loss": stats["loss"], "train_acc": stats["acc"], "val_loss": val["loss"], "val_acc": val["acc"],
+               "macs": cost.current_macs(), "budget_macs": budget_macs,
+               "groups": groups_per_layer(base), "time_s": time.perf_counter() - start_time}
+        history.append(row)
+        bar.set_postfix(acc=f"{val['acc']:.3f}", macs=f"{row['macs'] / dense_macs:.2f}x")
+        if rt.is_main:
+            tqdm.write(f"epoch {epoch + 1:3d}/{total} {phase:8s} train loss {stats['loss']:.4f} acc {stats['acc']:.4f}"
+                       f" | val acc {val['acc']:.4f} | MACs {row['macs']:,} ({row['macs'] / dense_macs:.1%} of dense)")
+            save_checkpoint({
+                "config": config_to_dict(cfg), "model": base.state_dict(), "weight_opt": weight_opt.state_dict(),
+                "gate_opt": gate_opt.state_dict() if gate_opt is not None else None,
+                "scheduler": scheduler.state_dict(), "history": history, "flips": flips, "next_epoch": epoch + 1,
+                "rng": torch.get_rng_state(),
+            }, out / CHECKPOINT)
+        rt.barrier()
+    bar.close()
+
+    if flips is None:  # the run had no fine-tuning epoch: project now
+        model = rt.prepare(base)
+        batches = [b for _, b in zip(range(4), epoch_loader(train_set, rt, batch_size=cfg.data.batch_size,
+                                                             train=True, seed=cfg.seed + 31, epoch=total))]
+        flips = project_to_budget(model, cost, budget_macs, batches, rt) if not cfg.dense else []
+    for _, layer in dgconv_layers(base):
+        layer.freeze_gates()
+    base.eval()
+    exported = export_model(base)
+    exported.eval()
+    val_loader = epoch_loader(ds.val, rt, batch_size=256, train=False, seed=0, epoch=0)
+    searched_val = evaluate(base, val_loader, rt)
+    exported_val = evaluate(exported, val_loader, rt)
+    with torch.no_grad():
+        x = next(iter(val_loader))[0][:16]
+        x = rt.to_device(x)
+        max_diff = float((base(x) - exported(x)).abs().max())
+    exported_macs = count_macs(exported, input_size)
+    summary = {
+        "space": cfg.space, "dataset": ds.name, "dense": cfg.dense,
+        "val_acc": exported_val["acc"], "val_loss": exported_val["loss"], "searched_val_acc": searched_val["acc"],
+        "macs": exported_macs, "dense_macs": dense_macs, "budget_macs": budget_macs,
+        "macs_fraction": exported_macs / dense_macs, "budget_met": exported_macs <= budget_macs,
+        "params": count_parameters(exported), "projected": bool(flips), "projection_flips": flips,
+        "export_max_abs_diff": max_diff, "epochs": total, "wall_time_s": time.perf_counter() - start_time,
+        "groups": groups_per_layer(base), "world_size": rt.world_size, "device": str(rt.device),
+    }
+    if rt.is_main:
+        report.write_search_report(out, base, exported, input_size, history, summary)
+        save_model(exported, out / "model", extra={k: summary[k] for k in ("val_acc", "macs", "dense_macs",
+                                                                              "budget_macs", "space", "dataset")})
+        tqdm.write(report.format_summary(summary))
+    rt.barrier()
+    return SearchResult(model=exported, searched=base, summary=summary, history=history, run_dir=out)
+
+
+def load_search_config(run_dir: str | Path) -> SearchConfig:
+    """The configuration a run folder was made with (to resume it or repeat it)."""
+    from .report import read_json
+
+    return config_from_dict(SearchConfig, read_json(Path(run_dir) / "config.json"))

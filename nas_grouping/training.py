@@ -1,0 +1,164 @@
+"""The pieces every training loop here shares: seeding, epoch loaders, one epoch, evaluation, checkpoints.
+
+The search loop and the self-grouping fine-tuning both call ``train_epoch`` and
+``evaluate``; the search adds gate steps through its arguments rather than a
+loop of its own. Loaders are rebuilt per epoch from ``seed + epoch``, so a run
+resumed from a checkpoint sees the same batches as one that never stopped.
+Checkpoints are written to a temporary file and renamed, so a crash mid-write
+never destroys the last good one.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.data import Dataset, Sampler
+from tqdm.auto import tqdm
+
+from ._io import atomic_write
+from .data import make_loader
+from .errors import ConfigError
+from .runtime import Runtime
+
+__all__ = ["seed_everything", "epoch_loader", "train_epoch", "evaluate", "save_checkpoint", "load_checkpoint",
+           "EpochStats"]
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+class _ShardSampler(Sampler[int]):
+    """Rank r takes samples r, r + world, ... in order: no padding, so metrics stay exact."""
+
+    def __init__(self, n: int, rank: int, world: int) -> None:
+        self.indices = list(range(rank, n, world))
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+
+def epoch_loader(dataset: Dataset, rt: Runtime, *, batch_size: int, train: bool, seed: int, epoch: int,
+                 num_workers: int = 0) -> Iterable:
+    """A loader for one epoch: shuffled from ``seed`` and ``epoch`` for training, in order for evaluation."""
+    pin = rt.device.type == "cuda"
+    if train:
+        sampler = rt.sampler(dataset, shuffle=True, seed=seed)
+        if sampler is not None:
+            sampler.set_epoch(epoch)
+        return make_loader(dataset, batch_size=batch_size, shuffle=sampler is None, sampler=sampler,
+                           num_workers=num_workers, seed=seed * 100_003 + epoch, pin_memory=pin,
+                           drop_last=len(dataset) > batch_size * rt.world_size)
+    sampler = _ShardSampler(len(dataset), rt.rank, rt.world_size) if rt.distributed else None
+    return make_loader(dataset, batch_size=batch_size, shuffle=False, sampler=sampler, num_workers=num_workers,
+                       pin_memory=pin)
+
+
+class EpochStats(dict):
+    """loss, acc and samples of one pass (summed over ranks)."""
+
+
+def _to_targets(y: Any, rt: Runtime) -> Tensor:
+    return torch.as_tensor(y).to(rt.device, non_blocking=True).long()
+
+
+def train_epoch(
+    model: nn.Module,
+    loader: Iterable,
+    rt: Runtime,
+    *,
+    weight_optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler | None = None,
+    loss_hook: Callable[[Tensor], Tensor] | None = None,
+    gate_step: Callable[[], None] | None = None,
+    gate_optimizer: torch.optim.Optimizer | None = None,
+    progress: bool = False,
+    desc: str = "train",
+) -> EpochStats:
+    """One pass over ``loader`` updating the weights (and, when given, the gates).
+
+    Args:
+        loss_hook: maps the task loss to the loss that is minimised (a regularizer).
+        gate_optimizer: stepped together with the weights (single-level search).
+        gate_step: called before each weight step (bi-level search: a gate update
+            on its own batch).
+    """
+    model.train()
+    total_loss, correct, seen = 0.0, 0, 0
+    bar = tqdm(loader, desc=desc, leave=False, disable=not (progress and rt.is_main), dynamic_ncols=True)
+    for x, y in bar:
+        if gate_step is not None:
+            gate_step()
+        x, y = rt.to_device(x), _to_targets(y, rt)
+        weight_optimizer.zero_grad(set_to_none=True)
+        if gate_optimizer is not None:
+            gate_optimizer.zero_grad(set_to_none=True)
+        with rt.autocast():
+            out = model(x)
+            task = F.cross_entropy(out.float(), y)
+        loss = loss_hook(task) if loss_hook is not None else task
+        if not torch.isfinite(loss):
+            raise FloatingPointError(
+                f"{desc}: the loss became {loss.item()} (diverged); lower the learning rate or the regularizer strength"
+            )
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            scaler.step(weight_optimizer)
+            if gate_optimizer is not None:
+                scaler.step(gate_optimizer)
+            scaler.update()
+        else:
+            loss.backward()
+            weight_optimizer.step()
+            if gate_optimizer is not None:
+                gate_optimizer.step()
+        n = y.shape[0]
+        total_loss += float(task.detach()) * n
+        correct += int((out.detach().argmax(1) == y).sum())
+        seen += n
+    total_loss, correct, seen = rt.all_reduce_sum([total_loss, correct, seen])
+    return EpochStats(loss=total_loss / max(seen, 1), acc=correct / max(seen, 1), samples=int(seen))
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader: Iterable, rt: Runtime) -> EpochStats:
+    """Mean cross-entropy and accuracy over ``loader`` (exact under DDP: shards, no padding)."""
+    model.eval()
+    total_loss, correct, seen = 0.0, 0, 0
+    for x, y in loader:
+        x, y = rt.to_device(x), _to_targets(y, rt)
+        with rt.autocast():
+            out = model(x)
+        total_loss += float(F.cross_entropy(out.float(), y, reduction="sum"))
+        correct += int((out.argmax(1) == y).sum())
+        seen += y.shape[0]
+    total_loss, correct, seen = rt.all_reduce_sum([total_loss, correct, seen])
+    return EpochStats(loss=total_loss / max(seen, 1), acc=correct / max(seen, 1), samples=int(seen))
+
+
+def save_checkpoint(state: dict[str, Any], path: str | os.PathLike) -> None:
+    """``torch.save`` written atomically: a crash mid-write keeps the last good checkpoint."""
+    atomic_write(path, lambda f: torch.save(state, f))
+
+
+def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Read a checkpoint written by ``save_checkpoint`` (tensors and plain data only)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"no checkpoint at {path.resolve()}: nothing to resume; run without --resume")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as exc:  # several exception types for corrupt files
+        raise ConfigError(f"{path} is not a readable checkpoint ({exc}); remove it to start over") from exc
