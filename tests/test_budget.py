@@ -1,0 +1,118 @@
+"""MAC budgets, the differentiable model cost, the regularizers and the projection to the budget."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+from torch import nn
+
+from nas_grouping import BudgetError, ConfigError, count_macs, dgconv_layers
+from nas_grouping.budget import AdditiveRegularizer, MacBudget, ModelCost, MultiplicativeRegularizer, make_regularizer
+from nas_grouping.runtime import setup_runtime
+from nas_grouping.search import project_to_budget
+from search_spaces import get_space
+
+SMALL = {"widths": [8, 8, 16, 16, 16, 16]}
+
+
+def small_net() -> nn.Module:
+    torch.manual_seed(0)
+    return get_space("digits_convnet", **SMALL)
+
+
+@pytest.mark.parametrize("text,fraction,macs", [
+    ("0.5", 0.5, None), (0.25, 0.25, None), ("12M", None, 12_000_000), ("3.5k", None, 3500), (2e6, None, 2_000_000),
+])
+def test_budget_parse(text, fraction, macs):
+    b = MacBudget.parse(text)
+    assert b.fraction == fraction and b.macs == macs
+
+
+@pytest.mark.parametrize("bad", ["abc", "12Q", "-1"])
+def test_budget_parse_rejects(bad):
+    with pytest.raises(ConfigError):
+        MacBudget.parse(bad)
+
+
+def test_budget_needs_exactly_one_value():
+    with pytest.raises(ConfigError, match="exactly one"):
+        MacBudget()
+    with pytest.raises(ConfigError, match="exactly one"):
+        MacBudget(macs=10, fraction=0.5)
+    with pytest.raises(ConfigError, match="fraction"):
+        MacBudget(fraction=1.5)
+    assert MacBudget(fraction=0.5).resolve(1000) == 500
+    assert MacBudget(macs=300).resolve(1000) == 300
+
+
+def test_model_cost_matches_counter_for_every_gate_pattern_of_a_layer():
+    model = small_net()
+    cost = ModelCost(model, (1, 8, 8))
+    assert cost.dense_macs == count_macs(model, (1, 8, 8))
+    layers = dgconv_layers(model)
+    name, layer = layers[-1]
+    for gates in itertools.product([0, 1], repeat=layer.num_gates):
+        layer.set_gates(gates)
+        assert cost.current_macs() == count_macs(model, (1, 8, 8))
+        assert float(cost.expected_macs()) == pytest.approx(cost.current_macs())
+    for _, m in layers:
+        m.set_gates([0] * m.num_gates)
+    assert cost.minimum_macs == count_macs(model, (1, 8, 8))
+    assert cost.minimum_macs < cost.dense_macs
+
+
+def test_unreachable_budget_is_a_clear_error():
+    cost = ModelCost(small_net(), (1, 8, 8))
+    cost.check_budget(cost.minimum_macs)  # reachable: no error
+    with pytest.raises(BudgetError, match="cannot be met") as info:
+        cost.check_budget(cost.minimum_macs - 1)
+    assert f"{cost.minimum_macs:,}" in str(info.value)
+
+
+def test_additive_regularizer_is_zero_under_budget_and_pushes_gates_down_above():
+    model = small_net()
+    cost = ModelCost(model, (1, 8, 8))
+    task = torch.tensor(1.0)
+    reg = AdditiveRegularizer(2.0)
+    assert float(reg(task, cost.expected_macs(), cost.dense_macs)) == pytest.approx(1.0)
+    loss = reg(task, cost.expected_macs(), cost.dense_macs // 2)
+    assert float(loss) == pytest.approx(1.0 + 2.0 * (cost.dense_macs / (cost.dense_macs // 2) - 1))
+    loss.backward()
+    for _, layer in dgconv_layers(model):
+        assert torch.all(layer.gate_latent.grad > 0)  # descent lowers the latents (fewer connections)
+
+
+def test_multiplicative_regularizer_is_the_papers_form():
+    cost = torch.tensor(200.0, requires_grad=True)
+    task = torch.tensor(0.7)
+    reg = MultiplicativeRegularizer(0.5)
+    assert float(reg(task, cost, 100)) == pytest.approx(0.7 * 2**0.5)
+    assert float(reg(task, torch.tensor(50.0), 100)) == pytest.approx(0.7)
+    reg(task, cost, 100).backward()
+    assert cost.grad > 0
+
+
+def test_make_regularizer_validates():
+    assert isinstance(make_regularizer("additive", 1.0), AdditiveRegularizer)
+    assert isinstance(make_regularizer("multiplicative", 0.1), MultiplicativeRegularizer)
+    with pytest.raises(ConfigError):
+        make_regularizer("quadratic", 1.0)
+    with pytest.raises(ConfigError):
+        make_regularizer("additive", 0.0)
+
+
+@pytest.mark.parametrize("fraction", [0.3, 0.6, 0.9])
+def test_projection_meets_the_budget_and_removes_the_cheapest_gates(fraction):
+    model = small_net()
+    cost = ModelCost(model, (1, 8, 8))
+    budget = int(fraction * cost.dense_macs)
+    torch.manual_seed(1)
+    batches = [(torch.randn(16, 1, 8, 8), torch.randint(0, 10, (16,))) for _ in range(2)]
+    rt = setup_runtime("cpu")
+    flips = project_to_budget(model, cost, budget, batches, rt)
+    assert cost.current_macs() <= budget
+    assert flips and all(f["macs_saved"] > 0 for f in flips)
+    # greedy: the flips before the last were all needed (removing them one fewer stays over budget)
+    assert cost.current_macs() + flips[-1]["macs_saved"] > budget

@@ -1,0 +1,129 @@
+"""The search loop end to end on the bundled digits data (small network, few epochs)."""
+
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+import pytest
+import torch
+
+import nas_grouping.search as search_mod
+from nas_grouping import BudgetError, ConfigError, count_macs, load_model
+from nas_grouping.config import SearchConfig
+from nas_grouping.data import DataConfig
+from nas_grouping.search import search
+
+SMALL = {"widths": [8, 8, 16, 16, 16, 16]}
+
+
+def config(tmp_path, **kw) -> SearchConfig:
+    base = dict(space="digits_convnet", space_kwargs=SMALL, epochs=3, warmup_epochs=1, finetune_epochs=1,
+                budget=0.5, progress=False, out=str(tmp_path / "run"), data=DataConfig(batch_size=128))
+    base.update(kw)
+    return SearchConfig(**base)
+
+
+def test_search_meets_budget_and_writes_a_readable_run(tmp_path):
+    cfg = config(tmp_path)
+    result = search(cfg)
+    s = result.summary
+    assert s["budget_met"] and s["macs"] <= s["budget_macs"] == s["dense_macs"] // 2
+    assert s["macs"] == count_macs(result.model, (1, 8, 8))
+    assert s["export_max_abs_diff"] < 1e-4
+    run = tmp_path / "run"
+    for name in ("config.json", "checkpoint.pt", "history.csv", "layers.csv", "summary.json", "search.png"):
+        assert (run / name).is_file(), name
+    history = pd.read_csv(run / "history.csv")
+    assert list(history["epoch"]) == [1, 2, 3, 4]
+    assert list(history["phase"]) == ["warmup", "search", "search", "finetune"]
+    layers = pd.read_csv(run / "layers.csv")
+    assert {"layer", "groups", "macs_dense", "macs_after"} <= set(layers.columns)
+    assert layers["macs_after"].sum() == s["macs"]
+    # the exported model ships: it loads without the search code and computes the same
+    loaded = load_model(run / "model").eval()
+    x = torch.randn(4, 1, 8, 8)
+    with torch.no_grad():
+        assert torch.allclose(loaded(x), result.model(x), atol=1e-5)
+    assert json.loads((run / "summary.json").read_text())["val_acc"] == pytest.approx(s["val_acc"])
+
+
+def test_unreachable_budget_fails_before_training(tmp_path):
+    cfg = config(tmp_path, budget=0.01)
+    with pytest.raises(BudgetError, match="cannot be met"):
+        search(cfg)
+    assert not (tmp_path / "run" / "checkpoint.pt").exists()
+
+
+def test_existing_run_needs_resume_and_resume_needs_same_settings(tmp_path):
+    cfg = config(tmp_path, epochs=2, finetune_epochs=0)
+    search(cfg)
+    with pytest.raises(ConfigError, match="--resume"):
+        search(cfg)
+    with pytest.raises(ConfigError, match="other settings"):
+        search(config(tmp_path, epochs=2, finetune_epochs=0, lr=0.01), resume=True)
+
+
+def test_resume_after_interruption_loses_no_epoch(tmp_path, monkeypatch):
+    cfg = config(tmp_path, epochs=3, finetune_epochs=1)
+    real = search_mod.train_epoch
+    calls = {"n": 0}
+
+    def flaky(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(search_mod, "train_epoch", flaky)
+    with pytest.raises(KeyboardInterrupt):
+        search(cfg)
+    saved = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)
+    assert saved["next_epoch"] == 2
+    monkeypatch.setattr(search_mod, "train_epoch", real)
+    result = search(cfg, resume=True)
+    assert [h["epoch"] for h in result.history] == [1, 2, 3, 4]
+    assert result.summary["budget_met"]
+
+
+def test_resumed_run_equals_uninterrupted_run(tmp_path, monkeypatch):
+    """Seeded per-epoch loaders and saved RNG state: a resumed run repeats the uninterrupted one."""
+    whole = search(config(tmp_path / "a", epochs=3, finetune_epochs=0, data=DataConfig(batch_size=128, augment=False)))
+    cfg = config(tmp_path / "b", epochs=3, finetune_epochs=0, data=DataConfig(batch_size=128, augment=False))
+    real = search_mod.train_epoch
+    calls = {"n": 0}
+
+    def stop_second(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(search_mod, "train_epoch", stop_second)
+    with pytest.raises(KeyboardInterrupt):
+        search(cfg)
+    monkeypatch.setattr(search_mod, "train_epoch", real)
+    resumed = search(cfg, resume=True)
+    assert resumed.summary["groups"] == whole.summary["groups"]
+    assert resumed.history[-1]["train_loss"] == pytest.approx(whole.history[-1]["train_loss"], rel=1e-4)
+
+
+def test_bilevel_search_runs_and_meets_budget(tmp_path):
+    result = search(config(tmp_path, bilevel=True, regularizer="multiplicative", reg_strength=1.0))
+    assert result.summary["budget_met"]
+
+
+def test_dense_training_has_no_gates_and_full_macs(tmp_path):
+    result = search(config(tmp_path, dense=True))
+    assert result.summary["macs"] == result.summary["dense_macs"]
+    assert result.summary["groups"] == {}
+
+
+@pytest.mark.slow
+def test_budget_fractions_give_ordered_models_within_budget(tmp_path):
+    macs = []
+    for fraction in (0.25, 0.5, 0.75):
+        s = search(config(tmp_path / str(fraction), budget=fraction)).summary
+        assert s["budget_met"], fraction
+        macs.append(s["macs"])
+    assert macs[0] < macs[1] < macs[2]
