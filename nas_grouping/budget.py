@@ -105,7 +105,7 @@ class ModelCost:
         return self.fixed_macs + torch.stack(terms).sum()
 
     def layer_savings(self) -> list[tuple[str, DGConv2d, int, int]]:
-        """(name, layer, gate index, MACs saved) for every gate that is on: turning it off halves the layer."""
+        """(name, layer, gate index, MACs saved) for every gate that is on: turning it off halves the layer's MACs."""
         out = []
         for name, layer, size in self.layers:
             gates = layer.gate_values()

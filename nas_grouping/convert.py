@@ -61,6 +61,8 @@ def _decide(name: str, conv: nn.Conv2d, *, first: bool, skip_first: bool, skip_p
 def conversion_plan(model: nn.Module, *, skip_first: bool = True, skip_pointwise: bool = False,
                     skip_depthwise: bool = True, exclude: Sequence[str] = ()) -> list[ConversionStep]:
     """What ``convert_to_dgconv`` would do with each nn.Conv2d of ``model``, in order."""
+    if isinstance(exclude, str):
+        exclude = [exclude]
     steps, first = [], True
     for name, m in model.named_modules():
         if isinstance(m, DGConv2d) or not isinstance(m, nn.Conv2d):
@@ -93,8 +95,6 @@ def convert_to_dgconv(model: nn.Module, *, skip_first: bool = True, skip_pointwi
 
     ``conversion_plan`` with the same options lists each layer and why it was skipped.
     """
-    if isinstance(exclude, str):
-        exclude = [exclude]
     target = model if inplace else copy.deepcopy(model)
     plan = conversion_plan(target, skip_first=skip_first, skip_pointwise=skip_pointwise,
                            skip_depthwise=skip_depthwise, exclude=exclude)
@@ -102,6 +102,8 @@ def convert_to_dgconv(model: nn.Module, *, skip_first: bool = True, skip_pointwi
         if step.convert:
             new = DGConv2d.from_conv(target.get_submodule(step.name), gate_init=gate_init)
             new.layer_name = step.name
+            if not step.name:  # the model is a bare conv
+                return new
             _set_submodule(target, step.name, new)
     return target
 

@@ -135,6 +135,8 @@ def export_model(model: nn.Module, *, inplace: bool = False) -> nn.Module:
                 f"DGConv2d '{name}' has soft (relaxed) gates; call harden_gates() on it "
                 "(and fine-tune with binary gates) before exporting"
             )
+    if isinstance(model, DGConv2d):
+        return export_layer(model)
     target = model if inplace else copy.deepcopy(model)
     for name, layer in dgconv_layers(target):
         replace_layer(target, name, export_layer(layer))
@@ -208,7 +210,13 @@ def load_model(path: str | os.PathLike, *, builder: Callable[..., nn.Module] | N
     recipe = arch["recipe"]
     kwargs = dict(recipe.get("kwargs", {}))
     if builder is not None:
-        model = builder(**kwargs)
+        try:
+            model = builder(**kwargs)
+        except TypeError as exc:
+            raise ExportError(
+                f"{path}: builder {getattr(builder, '__qualname__', builder)!r} does not accept the saved recipe's "
+                f"arguments {kwargs}: {exc}"
+            ) from exc
     elif "space" in recipe:
         from search_spaces import get_space
 

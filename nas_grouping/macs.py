@@ -183,7 +183,8 @@ def flop_counter_macs(model: nn.Module, input_size: Sequence[int], *, effective:
     size = check_input_size(input_size)
     ref = next(model.parameters(), None)
     device = ref.device if ref is not None else torch.device("cpu")
-    x = torch.zeros(1, *size, device=device)
+    dtype = ref.dtype if ref is not None and ref.is_floating_point() else torch.float32
+    x = torch.zeros(1, *size, device=device, dtype=dtype)
     mapping = {torch.ops.aten.convolution: _effective_conv_flops} if effective else {}
     flags = {m: m.training for m in model.modules()}
     model.eval()

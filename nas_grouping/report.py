@@ -107,7 +107,7 @@ def format_summary(summary: dict[str, Any]) -> str:
         f"MACs {summary['macs']:,} per sample = {summary['macs_fraction']:.1%} of dense {summary['dense_macs']:,}"
         + ("" if summary.get("dense") else
            f"; budget {summary['budget_macs']:,}: {'met' if summary['budget_met'] else 'NOT met'}"
-           + (f" after projecting {len(summary['projection_flips'])} gate(s)" if summary.get("projected") else "")),
+           + (f" after {len(summary['projection_flips'])} projection change(s)" if summary.get("projected") else "")),
         f"parameters {summary['params']:,}; wall time {summary['wall_time_s']:.1f} s",
     ]
     if summary.get("groups"):

@@ -86,35 +86,69 @@ def _gate_gradients(model: nn.Module, batches: list, rt: Runtime) -> list[torch.
     return grads
 
 
+def _flip_key(increase: float, saved: int) -> tuple[bool, float]:
+    """Order of gate removals: free ones (estimated loss decrease) first, biggest saving first;
+    then the least loss increase per saved MAC."""
+    return (increase >= 0, increase / saved if increase >= 0 else -float(saved))
+
+
 def project_to_budget(model: nn.Module, cost: ModelCost, budget_macs: int, batches: list,
                       rt: Runtime) -> list[dict[str, Any]]:
-    """Turn off gates, cheapest loss per saved MAC first, until ``cost.current_macs() <= budget_macs``.
+    """Make the binary gates fit ``budget_macs``, losing as little as the gradients can tell.
 
-    The loss change of turning gate j off is estimated to first order as -dL/dg_j
-    (the straight-through gradient at the binary point). Returns the flips made.
+    Turning gate j off changes the loss by about -dL/dg_j (the straight-through
+    gradient at the binary point). Gates are turned off one at a time, free ones
+    first, then the cheapest per saved MAC, until the model fits; then gates that
+    are off are turned back on while they still fit and are estimated to lower
+    the loss (a large last removal can leave budget unused). Returns the changes.
+    The decisions depend only on all-reduced gradients, so every DDP rank makes the same.
     """
-    flips: list[dict[str, Any]] = []
+    changes: list[dict[str, Any]] = []
     layers = [layer for _, layer in dgconv_layers(unwrap(model))]
-    while cost.current_macs() > budget_macs:
-        grads = _gate_gradients(model, batches, rt)
-        grad_of = {id(layer): g for layer, g in zip(layers, grads)}
-        best = None
-        for name, layer, j, saved in cost.layer_savings():
-            if saved <= 0:
-                continue
-            increase = -float(grad_of[id(layer)][j])
-            score = increase / saved
-            if best is None or score < best[0]:
-                best = (score, name, layer, j, saved, increase)
-        if best is None:  # cannot happen after check_budget, but never loop forever
-            raise ConfigError(f"projection: no gate left to turn off above the budget of {budget_macs:,} MACs")
-        _, name, layer, j, saved, increase = best
+
+    def grads_by_layer() -> dict[int, torch.Tensor]:
+        return {id(layer): g for layer, g in zip(layers, _gate_gradients(model, batches, rt))}
+
+    def flip(name: str, layer, j: int, value: int, macs: int, estimate: float, action: str) -> None:
         gates = layer.gate_values().tolist()
-        gates[j] = 0
+        gates[j] = value
         layer.set_gates(gates)
-        flips.append({"layer": name, "gate": j, "macs_saved": saved, "estimated_loss_increase": increase,
-                      "groups_after": layer.learned_groups})
-    return flips
+        changes.append({"action": action, "layer": name, "gate": j, "macs": macs,
+                        "estimated_loss_change": estimate, "groups_after": layer.learned_groups})
+
+    while cost.current_macs() > budget_macs:
+        grads = grads_by_layer()
+        options = [(_flip_key(-float(grads[id(layer)][j]), saved), name, layer, j, saved)
+                   for name, layer, j, saved in cost.layer_savings() if saved > 0]
+        if not options:  # cannot happen after check_budget; never loop forever
+            raise ConfigError(f"projection: no gate left to turn off above the budget of {budget_macs:,} MACs")
+        _, name, layer, j, saved = min(options, key=lambda o: o[0])
+        flip(name, layer, j, 0, saved, -float(grads[id(layer)][j]), "off")
+    if not changes:
+        return changes
+    while True:
+        grads = grads_by_layer()
+        room = budget_macs - cost.current_macs()
+        options = []
+        for name, layer, size in cost.layers:
+            gates = layer.gate_values()
+            for j in range(layer.num_gates):
+                extra = layer.macs(size)  # turning a gate on doubles the layer's connections
+                if gates[j] < 0.5 and extra <= room and float(grads[id(layer)][j]) < 0:
+                    options.append((float(grads[id(layer)][j]), name, layer, j, extra))
+        if not options:
+            return changes
+        change, name, layer, j, extra = min(options, key=lambda o: o[0])
+        flip(name, layer, j, 1, extra, change, "on")
+
+
+def _project(base: nn.Module, cost: ModelCost, budget_macs: int, train_set, cfg: SearchConfig, rt: Runtime,
+             epoch: int) -> list[dict[str, Any]]:
+    """Projection at the end of the search, on a few seeded training batches."""
+    loader = epoch_loader(train_set, rt, batch_size=cfg.data.batch_size, train=True, seed=cfg.seed + 31, epoch=epoch)
+    batches = [b for _, b in zip(range(4), loader)]
+    _set_gate_training(base, True)
+    return project_to_budget(rt.prepare(base), cost, budget_macs, batches, rt)
 
 
 def _phase(cfg: SearchConfig, epoch: int) -> str:
@@ -231,15 +265,10 @@ def search(cfg: SearchConfig, *, resume: bool = False) -> SearchResult:
     for epoch in bar:
         phase = _phase(cfg, epoch)
         if phase == "finetune" and flips is None:
-            model = model or rt.prepare(base)
-            batches = [b for _, b in zip(range(4), epoch_loader(train_set, rt, batch_size=cfg.data.batch_size,
-                                                                 train=True, seed=cfg.seed + 31, epoch=epoch))]
-            _set_gate_training(base, True)
-            model = rt.prepare(base)
-            flips = project_to_budget(model, cost, budget_macs, batches, rt)
+            flips = _project(base, cost, budget_macs, train_set, cfg, rt, epoch)
             if flips and rt.is_main:
-                tqdm.write(f"[nas-grouping] projected {len(flips)} gate(s) off to meet the budget: "
-                           + ", ".join(f"{f['layer']}->G={f['groups_after']}" for f in flips))
+                tqdm.write(f"[nas-grouping] projected to the budget by {len(flips)} gate change(s): "
+                           + ", ".join(f"{f['layer']} {f['action']}->G={f['groups_after']}" for f in flips))
         if phase != current_phase:
             _set_gate_training(base, phase == "search")
             model = rt.prepare(base)
@@ -287,10 +316,7 @@ def search(cfg: SearchConfig, *, resume: bool = False) -> SearchResult:
     bar.close()
 
     if flips is None:  # the run had no fine-tuning epoch: project now
-        model = rt.prepare(base)
-        batches = [b for _, b in zip(range(4), epoch_loader(train_set, rt, batch_size=cfg.data.batch_size,
-                                                             train=True, seed=cfg.seed + 31, epoch=total))]
-        flips = project_to_budget(model, cost, budget_macs, batches, rt) if not cfg.dense else []
+        flips = _project(base, cost, budget_macs, train_set, cfg, rt, total) if not cfg.dense else []
     for _, layer in dgconv_layers(base):
         layer.freeze_gates()
     base.eval()

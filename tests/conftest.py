@@ -20,6 +20,19 @@ def seeded():
     yield
 
 
+@pytest.fixture(scope="module")
+def single_thread():
+    """Run a module's tests on one intra-op thread, restoring the count afterwards.
+
+    Their tensors are tiny, so threads only add overhead; and when other processes
+    share the two cores, spinning OpenMP threads make such tests 5-10x slower.
+    """
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def tv_models():
     """Build small torchvision models once per session (random init, no downloads).

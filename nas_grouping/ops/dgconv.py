@@ -201,13 +201,17 @@ class DGConv2d(nn.Conv2d):
         return v[self._xor_index]
 
     def masked_weight(self) -> Tensor:
-        """The weight the convolution uses: W * U broadcast over the kernel taps."""
-        if self.training or torch.compiler.is_compiling():
+        """The weight the convolution uses: W * U broadcast over the kernel taps.
+
+        Cached in eval mode when no autograd graph is recorded (inference), keyed
+        on the tensors' versions so in-place updates and ``load_state_dict`` invalidate it.
+        """
+        records_graph = torch.is_grad_enabled() and (self.weight.requires_grad or self.gate_latent.requires_grad)
+        if self.training or records_graph or torch.compiler.is_compiling():
             return self.weight * self.relationship_matrix()[:, :, None, None].to(self.weight.dtype)
         key = (
             self.weight._version, self.gate_latent._version, self.weight.data_ptr(),
             self.gate_latent.data_ptr(), self.weight.dtype, self.weight.device, self.relax_temperature,
-            torch.is_grad_enabled() and (self.weight.requires_grad or self.gate_latent.requires_grad),
         )
         if self._eval_cache is None or self._eval_cache[0] != key:
             w = self.weight * self.relationship_matrix()[:, :, None, None].to(self.weight.dtype)
