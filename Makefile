@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml constraints.txt
 	touch $(STAMP)
 
 run: $(STAMP)
-	$(BIN)/nas-grouping search --budget 0.5 --out runs/digits-search
+	$(BIN)/nas-grouping search --budget 0.5 --out runs/digits-search-$$(date +%Y%m%d-%H%M%S)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -n 2 -q

@@ -13,7 +13,7 @@ from __future__ import annotations
 import contextlib
 import os
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Any, Iterator
 
 import torch
 import torch.distributed as dist
@@ -52,6 +52,7 @@ class Runtime:
     rank: int = 0
     world_size: int = 1
     channels_last: bool = False
+    compile: bool = False
 
     @property
     def is_main(self) -> bool:
@@ -78,6 +79,8 @@ class Runtime:
         if self.distributed:
             ids = [self.device.index] if self.device.type == "cuda" else None
             model = nn.parallel.DistributedDataParallel(model, device_ids=ids)
+        if self.compile:
+            model = torch.compile(model)
         return model
 
     def sampler(self, dataset: Dataset, *, shuffle: bool, seed: int) -> DistributedSampler | None:
@@ -103,8 +106,25 @@ class Runtime:
         if self.distributed:
             dist.barrier()
 
+    def broadcast(self, obj: Any) -> Any:
+        """Rank 0's ``obj`` on every rank (a decision every rank must share)."""
+        if not self.distributed:
+            return obj
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
 
-def setup_runtime(device: str = "auto", precision: str = "32", channels_last: bool = False) -> Runtime:
+    def gather(self, obj: Any) -> list[Any]:
+        """Every rank's ``obj``, in rank order (for consistency checks)."""
+        if not self.distributed:
+            return [obj]
+        out: list[Any] = [None] * self.world_size
+        dist.all_gather_object(out, obj)
+        return out
+
+
+def setup_runtime(device: str = "auto", precision: str = "32", channels_last: bool = False,
+                  compile: bool = False) -> Runtime:
     """Build the runtime; under torchrun this also joins the process group (gloo on CPU, nccl on GPU)."""
     if precision not in PRECISIONS:
         raise ConfigError(f"precision {precision!r}: expected one of {', '.join(PRECISIONS)}")
@@ -120,7 +140,8 @@ def setup_runtime(device: str = "auto", precision: str = "32", channels_last: bo
             dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo")
     if precision == "16" and dev.type == "cpu":
         raise ConfigError("precision 16 (float16 with a gradient scaler) needs a GPU; use bf16 on the CPU")
-    return Runtime(device=dev, precision=precision, rank=rank, world_size=world, channels_last=channels_last)
+    return Runtime(device=dev, precision=precision, rank=rank, world_size=world, channels_last=channels_last,
+                   compile=compile)
 
 
 def unwrap(model: nn.Module) -> nn.Module:

@@ -39,7 +39,7 @@ __all__ = ["search", "SearchResult", "project_to_budget", "build_search_model"]
 
 CHECKPOINT = "checkpoint.pt"
 #: settings that may differ between a run and its resumption
-RESUMABLE_CHANGES = frozenset({"progress", "device", "out"})
+RESUMABLE_CHANGES = frozenset({"progress", "device", "out", "precision", "channels_last", "compile"})
 
 
 @dataclass
@@ -207,7 +207,7 @@ def search(cfg: SearchConfig, *, resume: bool = False) -> SearchResult:
     from . import report
 
     start_time = time.perf_counter()
-    rt = setup_runtime(cfg.device, cfg.precision, cfg.channels_last)
+    rt = setup_runtime(cfg.device, cfg.precision, cfg.channels_last, cfg.compile)
     out = Path(cfg.out)
     ds = load_datasets(cfg.data)
     input_size = (ds.in_channels, *ds.input_size)
@@ -221,6 +221,8 @@ def search(cfg: SearchConfig, *, resume: bool = False) -> SearchResult:
         if not dgconv_layers(base):
             raise ConfigError(f"space {cfg.space!r} has no DGConv2d layer to search")
         cost.check_budget(budget_macs)
+
+    base.to(rt.device)  # before the optimizers load any state, so it lands on the right device
 
     train_set, gate_set = ds.train, None
     if cfg.bilevel and not cfg.dense:
@@ -238,6 +240,12 @@ def search(cfg: SearchConfig, *, resume: bool = False) -> SearchResult:
     history: list[dict[str, Any]] = []
     flips: list[dict[str, Any]] | None = None
     start_epoch = 0
+    problem = None
+    if rt.is_main and not resume and (out / CHECKPOINT).exists():
+        problem = f"{out} already holds a run; pass --resume to continue it, or choose another --out"
+    problem = rt.broadcast(problem)  # every rank raises, none waits at a barrier
+    if problem:
+        raise ConfigError(problem)
     if resume:
         ckpt = load_checkpoint(out / CHECKPOINT)
         _check_resume(ckpt["config"], cfg)
@@ -248,8 +256,6 @@ def search(cfg: SearchConfig, *, resume: bool = False) -> SearchResult:
         scheduler.load_state_dict(ckpt["scheduler"])
         history, flips, start_epoch = ckpt["history"], ckpt["flips"], ckpt["next_epoch"]
         torch.set_rng_state(ckpt["rng"])
-    elif rt.is_main and (out / CHECKPOINT).exists():
-        raise ConfigError(f"{out} already holds a run; pass --resume to continue it, or choose another --out")
     if rt.is_main:
         out.mkdir(parents=True, exist_ok=True)
         report.write_json(out / "config.json", config_to_dict(cfg))
@@ -317,6 +323,9 @@ def search(cfg: SearchConfig, *, resume: bool = False) -> SearchResult:
 
     if flips is None:  # the run had no fine-tuning epoch: project now
         flips = _project(base, cost, budget_macs, train_set, cfg, rt, total) if not cfg.dense else []
+    groups = groups_per_layer(base)
+    if any(g != groups for g in rt.gather(groups)):
+        raise RuntimeError(f"ranks disagree on the learned groups: {rt.gather(groups)}")  # never expected
     for _, layer in dgconv_layers(base):
         layer.freeze_gates()
     base.eval()
@@ -337,7 +346,7 @@ def search(cfg: SearchConfig, *, resume: bool = False) -> SearchResult:
         "macs_fraction": exported_macs / dense_macs, "budget_met": exported_macs <= budget_macs,
         "params": count_parameters(exported), "projected": bool(flips), "projection_flips": flips,
         "export_max_abs_diff": max_diff, "epochs": total, "wall_time_s": time.perf_counter() - start_time,
-        "groups": groups_per_layer(base), "world_size": rt.world_size, "device": str(rt.device),
+        "groups": groups, "world_size": rt.world_size, "ranks_agree_on_groups": True, "device": str(rt.device),
     }
     if rt.is_main:
         report.write_search_report(out, base, exported, input_size, history, summary)
