@@ -19,9 +19,10 @@ def run(what: str, args: argparse.Namespace) -> int:
     elif what == "search-overhead":
         from .search_overhead import bench_search_overhead
 
-        rows = [bench_search_overhead(rounds=1 if args.quick else 3, channels_last=cl) for cl in (False, True)]
+        rows = [bench_search_overhead(data=data, rounds=1 if args.quick else 3, channels_last=cl)
+                for data in ("digits", "cifar-shape") for cl in (False, True)]
         for r in rows:
-            print(f"{r['space']} on {r['dataset']} (batch {r['batch_size']}, channels_last={r['channels_last']}): "
+            print(f"{r['space']} on {r['data']} (batch {r['batch_size']}, channels_last={r['channels_last']}): "
                   f"dense epoch {r['dense_epoch_s']:.2f} s, search epoch {r['search_epoch_s']:.2f} s, "
                   f"overhead {r['overhead']:.2f}x ({r['threads']} threads, torch {r['torch']})")
     else:

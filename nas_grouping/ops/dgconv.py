@@ -13,7 +13,7 @@ Differences from the public reference code, on purpose:
   power of two dividing both; the r-part is a fixed all-ones factor, so groups
   stay uniform (cropping a larger mask would give unequal groups);
 - the step is ``latent >= 0`` (no 0.5 gate at exactly 0) and the straight-through
-  estimator is ``hard + (z - z.detach())``, with no ``.data`` swapping;
+  estimator is an autograd function (identity gradient), with no ``.data`` swapping;
 - U is built in closed form: U[o, i] = v[(o // r_out) XOR (i // r_in)] with
   v = kron([1, g_1], ..., [1, g_K]), one vectorised product and one gather;
 - the cost term C * prod(1 + g_k) (Eq. 9) has the exact gradient of sum(U).
@@ -38,6 +38,18 @@ def shared_power_of_two(in_channels: int, out_channels: int) -> int:
     """The exponent K of the largest power of two dividing both channel counts."""
     g = math.gcd(in_channels, out_channels)
     return (g & -g).bit_length() - 1
+
+
+class _StepSTE(torch.autograd.Function):
+    """Binary step (latent >= 0 -> 1) whose gradient passes straight through: one op each way."""
+
+    @staticmethod
+    def forward(ctx, z: Tensor) -> Tensor:
+        return (z >= 0).to(z.dtype)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:
+        return grad
 
 
 class DGConv2d(nn.Conv2d):
@@ -102,6 +114,7 @@ class DGConv2d(nn.Conv2d):
         patterns = torch.arange(2**k, device=device)
         bits = torch.stack([(patterns >> (k - 1 - j)) & 1 for j in range(k)])
         self.register_buffer("_pattern_bits", bits.to(latent.dtype), persistent=False)
+        self.register_buffer("_pattern_bits_off", 1 - bits.to(latent.dtype), persistent=False)
         o = torch.arange(out_channels, device=device) // self.r_out
         i = torch.arange(in_channels, device=device) // self.r_in
         self.register_buffer("_xor_index", o[:, None] ^ i[None, :], persistent=False)
@@ -113,8 +126,7 @@ class DGConv2d(nn.Conv2d):
         z = self.gate_latent
         if self.relax_temperature is not None:
             return torch.sigmoid(z / self.relax_temperature)
-        hard = (z >= 0).to(z.dtype)
-        return hard + (z - z.detach())
+        return _StepSTE.apply(z)
 
     def gate_values(self) -> Tensor:
         """The current gate vector as a detached tensor (0/1 unless relaxed)."""
@@ -197,7 +209,8 @@ class DGConv2d(nn.Conv2d):
     def relationship_matrix(self) -> Tensor:
         """U (C_out x C_in), differentiable with respect to the gates."""
         g = self.gates()
-        v = torch.prod(1 + (g[:, None] - 1) * self._pattern_bits.to(g.dtype), dim=0)
+        # factor k of pattern p: 1 where bit k of p is 0, g_k where it is 1
+        v = torch.addcmul(self._pattern_bits_off.to(g.dtype), g[:, None], self._pattern_bits.to(g.dtype)).prod(0)
         return v[self._xor_index]
 
     def masked_weight(self) -> Tensor:
