@@ -17,8 +17,8 @@ from typing import Any, TypeVar, get_type_hints
 from .data import DataConfig
 from .errors import ConfigError
 
-__all__ = ["SearchConfig", "config_to_dict", "config_from_dict", "read_config_file",
-           "add_config_arguments", "config_from_args"]
+__all__ = ["SearchConfig", "SelfGroupingConfig", "CompressConfig", "config_to_dict", "config_from_dict",
+           "read_config_file", "add_config_arguments", "config_from_args"]
 
 T = TypeVar("T")
 
@@ -46,9 +46,11 @@ class SearchConfig:
     lr: float = _f(0.05, "weight learning rate (SGD, cosine schedule over all epochs)")
     momentum: float = _f(0.9, "SGD momentum")
     weight_decay: float = _f(5e-4, "weight decay of the weights (never applied to gates)")
-    gate_lr: float = _f(0.005, "gate learning rate (Adam, no weight decay)")
-    gate_init: float = _f(0.05, "initial magnitude of the gate latents (gates start on: dense); with Adam a gate flips "
-                          "after about gate_init / gate_lr steps of consistent pressure")
+    gate_optimizer: str = _f("sgd", "gate optimizer: sgd (momentum 0.9: gates move in proportion to the MACs they "
+                             "save) or adam (betas 0.5, 0.999); never weight decay",
+                             choices=("adam", "sgd"))
+    gate_lr: float = _f(0.03, "gate learning rate")
+    gate_init: float = _f(0.05, "initial magnitude of the gate latents (gates start on: dense)")
     bilevel: bool = _f(False, "DARTS-style bi-level search: gates step on a held-out part of the training data")
     gate_split: float = _f(0.5, "bi-level: share of the training data that trains the gates")
     dense: bool = _f(False, "train the dense network instead (the baseline; no gates, no budget)")
@@ -79,6 +81,8 @@ class SearchConfig:
                 raise ConfigError(f"{name} must be > 0, got {getattr(self, name)}")
         if not 0 < self.gate_split < 1:
             raise ConfigError(f"gate_split must be in (0, 1), got {self.gate_split}")
+        if self.gate_optimizer not in ("adam", "sgd"):
+            raise ConfigError(f"gate_optimizer must be adam or sgd, got {self.gate_optimizer!r}")
         if self.regularizer not in ("additive", "multiplicative"):
             raise ConfigError(f"regularizer must be additive or multiplicative, got {self.regularizer!r}")
         if self.precision not in ("32", "bf16", "16"):
@@ -195,3 +199,141 @@ def config_from_args(cls: type[T], args: argparse.Namespace, *, base: dict[str, 
             node = node.setdefault(p, {})
         node[leaf] = value
     return config_from_dict(cls, values)
+
+
+# ------------------------------------------------------------ self-grouping
+
+_FINETUNE_SCHEMES = ("global", "local+global", "none")
+
+
+@dataclass
+class SelfGroupingConfig:
+    """The SG-CNN self-grouping pass: importance, clustering, pruning target, schedule and fine-tuning.
+
+    Per-layer settings (``clusters``, ``fraction``) take one value or a mapping of module-name
+    patterns (first match wins), e.g. ``{"layer3.*": 8, "*": "upto:16"}``; Optuna tunes the same fields.
+    """
+
+    clusters: Any = _f("upto:16", "k-means clusters per layer: an int, a rule (upto:K = min(K, filters), per:N = "
+                       "filters // N, sqrt), or JSON {pattern: int or rule}; the paper uses 16")
+    fraction: Any = _f(None, "pruned share of each layer's connections (0-1), or JSON {pattern: share}; layers no "
+                       "pattern matches are left alone. Default 0.5 when no budget is given")
+    budget: Any = _f(None, "MAC budget instead of a fraction: a share of the input model's MACs (<= 1) or MACs per "
+                     "sample (> 1, e.g. 12M); one global fraction, capped per layer, is found to meet it")
+    importance: str = _f("magnitude", "importance of a connection: magnitude (L1 of its kernel, as the paper's code) "
+                         "or taylor (|sum W dL/dW| over calibration batches)", choices=("magnitude", "taylor"))
+    calibration_batches: int = _f(4, "training batches that estimate the taylor importance")
+    exclude: Any = _f([], "module-name patterns to leave alone, e.g. 'layer4.*,fc' (JSON list or comma-separated)")
+    skip_first: bool = _f(True, "leave the first layer (the one reading the model input) alone")
+    max_fraction: float = _f(0.95, "the most a convolution may be pruned")
+    linear_max_fraction: float = _f(0.6, "the most a linear layer may be pruned (the paper's code: 60%%)")
+    steps: int = _f(1, "progressive pruning steps: step j of n prunes every layer to j/n of its target, re-clustering "
+                    "the fine-tuned weights (the paper steps 10%%, 20%%, ...)")
+    finetune: str = _f("global", "fine-tuning after each step: global (all weights), local+global (first only the "
+                       "just-pruned layers, then all) or none", choices=_FINETUNE_SCHEMES)
+    local_epochs: int = _f(1, "local+global: epochs that train only the just-pruned layers after each step")
+    step_epochs: int = _f(1, "global fine-tuning epochs after each step but the last")
+    epochs: int = _f(5, "global fine-tuning epochs after the last step")
+    lr: float = _f(0.01, "fine-tuning learning rate (SGD, cosine schedule within each fine-tuning phase)")
+    momentum: float = _f(0.9, "SGD momentum")
+    weight_decay: float = _f(1e-4, "weight decay (only kept weights exist, so pruned ones never come back)")
+    kmeans_init: str = _f("k-means++", "k-means initialisation (the paper's code: random)",
+                          choices=("k-means++", "random"))
+    kmeans_restarts: int = _f(10, "k-means restarts per layer (the best one is kept)")
+    seed: int = _f(0, "seed of k-means, calibration batches and fine-tuning")
+    progress: bool = _f(True, "show progress bars")
+
+    def __post_init__(self) -> None:
+        from ._self_grouping_spec import parse_clusters, parse_fraction, parse_patterns
+
+        self.clusters = parse_clusters(self.clusters)
+        self.fraction = parse_fraction(self.fraction)
+        self.exclude = parse_patterns(self.exclude)
+        if self.budget is not None:
+            from .budget import MacBudget
+
+            b = MacBudget.parse(self.budget)
+            self.budget = b.fraction if b.fraction is not None else float(b.macs)
+            if self.fraction is not None:
+                raise ConfigError(f"give either fraction ({self.fraction}) or budget ({self.budget}), not both")
+        for name in ("max_fraction", "linear_max_fraction"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v <= 1:
+                raise ConfigError(f"{name} must be in [0, 1], got {v!r}")
+        for name in ("calibration_batches", "steps", "kmeans_restarts"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("local_epochs", "step_epochs", "epochs"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if not self.lr > 0:
+            raise ConfigError(f"lr must be > 0, got {self.lr}")
+        if self.weight_decay < 0 or not 0 <= self.momentum < 1:
+            raise ConfigError(f"weight_decay must be >= 0 and momentum in [0, 1), got {self.weight_decay}, "
+                              f"{self.momentum}")
+        if self.finetune not in _FINETUNE_SCHEMES:
+            raise ConfigError(f"finetune must be one of {', '.join(_FINETUNE_SCHEMES)}, got {self.finetune!r}")
+        if self.importance not in ("magnitude", "taylor"):
+            raise ConfigError(f"importance must be magnitude or taylor, got {self.importance!r}")
+        if self.kmeans_init not in ("k-means++", "random"):
+            raise ConfigError(f"kmeans_init must be k-means++ or random, got {self.kmeans_init!r}")
+
+    @property
+    def target_fraction(self) -> float | dict[str, float] | None:
+        """The pruned fraction setting in force: ``fraction``, 0.5 when neither it nor a budget is given,
+        None under a budget."""
+        if self.budget is not None:
+            return None
+        return 0.5 if self.fraction is None else self.fraction
+
+
+@dataclass
+class CompressConfig:
+    """`nas-grouping compress`: a saved model, the self-grouping pass, the data, and where to write."""
+
+    model: str | None = _f(None, "a saved model folder (save_model), or a search run folder (its model/ is used)")
+    arch: str | None = _f(None, "instead of --model: a torchvision model name (e.g. resnet18) or a registered space "
+                          "name, built dense for the data set's classes and channels, weights from --state-dict")
+    state_dict: str | None = _f(None, "with --arch: a state dict file (torch.save), or a checkpoint holding one "
+                                "under 'model' or 'state_dict'")
+    arch_kwargs: dict = _f({}, "extra builder arguments of --arch, as JSON")
+    grouping: SelfGroupingConfig = field(default_factory=SelfGroupingConfig,
+                                         metadata={"help": "self-grouping settings"})
+    data: DataConfig = field(default_factory=DataConfig, metadata={"help": "data set settings"})
+    device: str = _f("auto", "auto, cpu, cuda or cuda:N")
+    precision: str = _f("32", "32, bf16 or 16 (16 needs a GPU)", choices=("32", "bf16", "16"))
+    channels_last: bool = _f(False, "fine-tune in channels-last memory format")
+    latency_batches: Any = _f([1, 32], "batch sizes at which the summary times the input and compressed models "
+                              "(comma-separated; empty: no timing)")
+    latency_repeats: int = _f(10, "timed repetitions per model and batch size (median reported)")
+    out: str = _f("runs/compress", "run folder (checkpoint, compressed model, reports)")
+
+    def __post_init__(self) -> None:
+        if isinstance(self.data, dict):
+            self.data = config_from_dict(DataConfig, self.data)
+        if isinstance(self.grouping, dict):
+            self.grouping = config_from_dict(SelfGroupingConfig, self.grouping)
+        if (self.model is None) == (self.arch is None):
+            raise ConfigError("give exactly one model source: --model FOLDER (a saved model or search run), or "
+                              f"--arch NAME with --state-dict FILE; got model={self.model!r}, arch={self.arch!r}")
+        if self.arch is not None and self.state_dict is None:
+            raise ConfigError(f"--arch {self.arch} needs --state-dict FILE with the trained weights (compressing "
+                              "random weights is meaningless)")
+        if self.model is not None and (self.state_dict is not None or self.arch_kwargs):
+            raise ConfigError("--state-dict and --arch-kwargs go with --arch; a --model folder holds its weights")
+        if not isinstance(self.arch_kwargs, dict):
+            raise ConfigError(f"arch_kwargs must be a dict, got {type(self.arch_kwargs).__name__}")
+        batches = self.latency_batches
+        if isinstance(batches, str):
+            try:
+                batches = [int(b) for b in batches.split(",") if b.strip()]
+            except ValueError:
+                raise ConfigError(f"latency_batches: expected comma-separated batch sizes, got {batches!r}") from None
+        if not isinstance(batches, (list, tuple)) or any(isinstance(b, bool) or not isinstance(b, int) or b < 1
+                                                         for b in batches):
+            raise ConfigError(f"latency_batches: expected a list of batch sizes >= 1, got {batches!r}")
+        self.latency_batches = list(batches)
+        if self.latency_repeats < 1:
+            raise ConfigError(f"latency_repeats must be >= 1, got {self.latency_repeats}")
+        if self.precision not in ("32", "bf16", "16"):
+            raise ConfigError(f"precision must be 32, bf16 or 16, got {self.precision!r}")

@@ -28,6 +28,7 @@ from ._io import atomic_write
 from .convert import _set_submodule, dgconv_layers
 from .errors import ExportError
 from .ops.dgconv import DGConv2d
+from .ops.diverse_group import DiverseGroupConv2d, DiverseGroupLinear
 from .ops.group_conv import PermutedGroupConv2d, conv_config, conv_from_config
 
 __all__ = [
@@ -54,6 +55,8 @@ def register_exportable(cls: type, to_config: Callable[[nn.Module], dict] | None
 
 register_exportable(nn.Conv2d, conv_config, conv_from_config)
 register_exportable(PermutedGroupConv2d)
+register_exportable(DiverseGroupConv2d)
+register_exportable(DiverseGroupLinear)
 
 
 def _group_ids(num_channels: int, r: int, off_bits: list[int], k: int) -> torch.Tensor:

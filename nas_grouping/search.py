@@ -151,6 +151,19 @@ def _project(base: nn.Module, cost: ModelCost, budget_macs: int, train_set, cfg:
     return project_to_budget(rt.prepare(base), cost, budget_macs, batches, rt)
 
 
+def make_gate_optimizer(params: list[nn.Parameter], kind: str, lr: float) -> torch.optim.Optimizer:
+    """The gates' own optimizer, never with weight decay (it drags latents to 0, where they flip on noise).
+
+    With SGD a gate's speed is proportional to its gradient, so the regularizer moves the
+    gates of expensive layers first; Adam moves every gate by about ``lr`` per step.
+    """
+    if kind == "adam":
+        return torch.optim.Adam(params, lr=lr, betas=(0.5, 0.999), weight_decay=0.0)
+    if kind == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=0.0)
+    raise ConfigError(f"gate optimizer must be adam or sgd, got {kind!r}")
+
+
 def _phase(cfg: SearchConfig, epoch: int) -> str:
     if cfg.dense:
         return "train"
@@ -230,8 +243,7 @@ def search(cfg: SearchConfig, *, resume: bool = False) -> SearchResult:
 
     weight_opt = torch.optim.SGD(weight_parameters(base), lr=cfg.lr, momentum=cfg.momentum,
                                  weight_decay=cfg.weight_decay, nesterov=cfg.momentum > 0)
-    gate_opt = torch.optim.Adam(arch_parameters(base), lr=cfg.gate_lr, betas=(0.5, 0.999), weight_decay=0.0) \
-        if not cfg.dense else None
+    gate_opt = make_gate_optimizer(arch_parameters(base), cfg.gate_optimizer, cfg.gate_lr) if not cfg.dense else None
     total = cfg.total_epochs if not cfg.dense else cfg.epochs + cfg.finetune_epochs
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(weight_opt, T_max=total)
     scaler = rt.grad_scaler() if cfg.precision == "16" else None
