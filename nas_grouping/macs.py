@@ -58,7 +58,7 @@ def _counted_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
     """The modules whose cost is counted: self-describing ones first, then conv/linear leaves."""
     claimed: list[str] = []
     for name, module in model.named_modules():
-        if any(name == c or name.startswith(c + ".") for c in claimed):
+        if any(name == c or c == "" or name.startswith(c + ".") for c in claimed):
             continue
         if callable(getattr(module, "macs", None)):
             claimed.append(name)
@@ -91,8 +91,8 @@ def _describe(module: nn.Module) -> tuple[int, int, tuple[int, ...], int | None]
     out_c = int(getattr(module, "out_channels", getattr(module, "out_features", 0)))
     kernel = tuple(getattr(module, "kernel_size", ()) or ())
     groups = getattr(module, "learned_groups", None)
-    if groups is None and isinstance(module, _ConvNd):
-        groups = module.groups
+    if groups is None:
+        groups = getattr(module, "groups", None)
     return in_c, out_c, kernel, (int(groups) if isinstance(groups, int) else None)
 
 

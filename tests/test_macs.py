@@ -176,17 +176,19 @@ def test_layer_macs_rows():
     assert d["name"] == "c1" and d["macs"] == by["c1"].macs
 
 
-def test_layer_macs_of_exported_model_counts_inner_grouped_conv():
+def test_layer_macs_of_exported_model_counts_each_exported_layer_once():
     model = DGNet()
     model.c1.set_gates([1, 0, 1, 0])  # needs a permutation
     model.c3.set_gates([0, 1, 1])     # contiguous: plain grouped conv
     exported = export_model(model)
     rows = {r.name: r for r in layer_macs(exported, (3, 16, 16))}
-    assert "c1.conv" in rows and "c1" not in rows
-    assert rows["c1.conv"].kind == "Conv2d" and rows["c1.conv"].groups == 4
+    # a permuted layer counts itself (the same kept MACs in either exact form), not its inner conv again
+    assert "c1" in rows and "c1.conv" not in rows
+    assert rows["c1"].kind == "PermutedGroupConv2d" and rows["c1"].groups == 4
+    assert rows["c1"].kernel_size == (3, 3)
     assert rows["c3"].kind == "Conv2d" and rows["c3"].groups == 2
     masked = {r.name: r for r in layer_macs(model, (3, 16, 16))}
-    assert rows["c1.conv"].macs == masked["c1"].macs
+    assert rows["c1"].macs == masked["c1"].macs
     assert rows["c3"].macs == masked["c3"].macs
 
 
