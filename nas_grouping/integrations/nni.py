@@ -25,7 +25,7 @@ The pieces, for use inside NNI's own workflow:
   (DARTS, GumbelDARTS: the gate latents are architecture parameters) and
   :class:`SamplingDGConv2d` (RandomOneShot).
 - :class:`DARTS`, :class:`GumbelDARTS`, :class:`RandomOneShot`: NNI's strategies
-  with the hooks built in; the gates get the plain loop's gate optimizer (SGD with
+  with the hooks built in; the gates get the plain loop's gate optimizer (SGD without
   momentum by default) inside NNI's architecture step, never weight decay (NNI's
   DARTS decays architecture weights by 1e-3; its LayerChoice weights keep that).
   ENAS (broken on pytorch-lightning >= 2.1) and Proxyless are not supported.

@@ -22,10 +22,13 @@ import torch
 from torch import nn
 
 from ..budget import MacBudget, make_regularizer
+from ..config import SearchConfig
 from ..errors import ConfigError
 from ..ops.dgconv import DGConv2d
 from .nni_compat import require_nni
 from .nni_cost import NniModelCost
+
+_D = SearchConfig  # one definition of each knob: the plain search's defaults
 
 nni = require_nni()
 
@@ -114,9 +117,9 @@ class BudgetedClassificationModule(ClassificationModule):
     """
 
     def __init__(self, *, num_classes: int, input_size: Sequence[int] | None = None,
-                 budget: MacBudget | float | int | str | None = None, regularizer: str = "additive",
-                 reg_strength: float = 2.0, learning_rate: float = 0.05, momentum: float = 0.9,
-                 weight_decay: float = 5e-4, optimizer: str = "sgd") -> None:
+                 budget: MacBudget | float | int | str | None = None, regularizer: str = _D.regularizer,
+                 reg_strength: float = _D.reg_strength, learning_rate: float = _D.lr, momentum: float = _D.momentum,
+                 weight_decay: float = _D.weight_decay, optimizer: str = "sgd") -> None:
         if not isinstance(num_classes, int) or num_classes < 2:
             raise ConfigError(f"num_classes must be an int >= 2, got {num_classes!r}")
         if optimizer not in OPTIMIZERS:
@@ -202,9 +205,9 @@ class BudgetedClassification(Lightning):
     """
 
     def __init__(self, *, num_classes: int, input_size: Sequence[int] | None = None,
-                 budget: MacBudget | float | int | str | None = None, regularizer: str = "additive",
-                 reg_strength: float = 2.0, learning_rate: float = 0.05, momentum: float = 0.9,
-                 weight_decay: float = 5e-4, optimizer: str = "sgd", train_dataloaders: Any = None,
+                 budget: MacBudget | float | int | str | None = None, regularizer: str = _D.regularizer,
+                 reg_strength: float = _D.reg_strength, learning_rate: float = _D.lr, momentum: float = _D.momentum,
+                 weight_decay: float = _D.weight_decay, optimizer: str = "sgd", train_dataloaders: Any = None,
                  val_dataloaders: Any = None, datamodule: Any = None, **trainer_kwargs: Any) -> None:
         module_kwargs = dict(
             num_classes=num_classes, input_size=input_size, budget=budget, regularizer=regularizer,
