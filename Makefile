@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test test-quick bench clean
+.PHONY: run test test-quick test-postgres bench clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m venv $(VENV)
@@ -22,6 +22,11 @@ test: $(STAMP)
 
 test-quick: $(STAMP)
 	$(BIN)/python -m pytest -n 2 -q -m "not slow"
+
+# the tuning tests against a throwaway PostgreSQL server on 127.0.0.1 (root installs Debian's postgresql)
+test-postgres: $(STAMP)
+	@dir=$$(mktemp -d); trap 'bash .ci/postgres.sh stop "$$dir"; rm -rf "$$dir"' EXIT; \
+	NAS_GROUPING_TEST_POSTGRES=$$(bash .ci/postgres.sh start "$$dir") $(BIN)/python -m pytest -q tests/test_tune_postgres.py
 
 bench: $(STAMP)
 	$(BIN)/nas-grouping bench dgconv

@@ -10,13 +10,27 @@ from .errors import BudgetError, ConfigError, DataError, ExportError, MissingDep
 from .export import export_model, load_model, save_model
 from .macs import count_macs, count_parameters, layer_macs
 from .ops import DGConv2d, PermutedGroupConv2d
+from .self_grouping import SelfGrouping, self_group
 
 __version__ = "0.1.0"
+
+_LAZY = {"SelfGroupingConfig": "config", "CompressConfig": "config",
+         "TuneConfig": "config", "TuneResult": "tune"}  # the function: nas_grouping.tune.tune  # config imports the data loaders (torchvision)
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 __all__ = [
     "DGConv2d", "PermutedGroupConv2d",
     "convert_to_dgconv", "conversion_plan", "dgconv_layers", "arch_parameters", "weight_parameters",
     "count_macs", "count_parameters", "layer_macs",
     "export_model", "save_model", "load_model",
+    "SelfGrouping", "self_group", "SelfGroupingConfig", "CompressConfig",
+    "TuneConfig", "TuneResult",
     "NasGroupingError", "ConfigError", "BudgetError", "DataError", "ExportError", "MissingDependencyError",
 ]

@@ -35,6 +35,22 @@ def _cmd_search(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_compress(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .compress import compress
+    from .config import CompressConfig
+    from .report import read_json
+
+    base = read_config_file(args.config) if args.config else None
+    if args.resume and base is None:
+        cfg_file = Path(getattr(args, "out", CompressConfig.out)) / "config.json"
+        if cfg_file.is_file():
+            base = read_json(cfg_file)
+    compress(config_from_args(CompressConfig, args, base=base), resume=args.resume)
+    return 0
+
+
 def _cmd_train(args: argparse.Namespace) -> int:
     args.dense = True
     return _cmd_search(args)
@@ -55,10 +71,60 @@ def _cmd_spaces(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_tune(args: argparse.Namespace) -> int:
+    import dataclasses
+    from pathlib import Path
+
+    from .config import CompressConfig, TuneConfig
+    from .tune import is_tuning_run, load_tuning_config, tune
+
+    cls = SearchConfig if args.tune_kind == "search" else CompressConfig
+    tune_fields = {f.name for f in dataclasses.fields(TuneConfig)}
+    values = {k: v for k, v in vars(args).items() if k != "tune_kind"}
+    job_args = argparse.Namespace(**{k: v for k, v in values.items() if k not in tune_fields})
+    tune_args = argparse.Namespace(**{k: v for k, v in values.items() if k in tune_fields})
+    job_base = read_config_file(args.config) if args.config else {}
+    tune_base = job_base.pop("tune", None) or {}
+    out = Path(getattr(args, "out", cls.out))
+    if args.resume and not args.config and is_tuning_run(out):
+        job_base, tune_base = load_tuning_config(out)
+    tune(config_from_args(cls, job_args, base=job_base), config_from_args(TuneConfig, tune_args, base=tune_base),
+         resume=args.resume)
+    return 0
+
+
+def _cmd_profile(args: argparse.Namespace) -> int:
+    import json
+
+    from search_spaces import default_input_size, get_space
+
+    from .latency import profile_layers
+
+    kwargs = json.loads(args.space_kwargs) if args.space_kwargs else {}
+    model = get_space(args.space, **kwargs)
+    size = tuple(args.input_size) if args.input_size else default_input_size(args.space)
+    table = profile_layers(model, size, batch=args.batch, repeats=args.repeats)
+    path = table.save(args.out)
+    meta = table.meta
+    print(f"profiled {len({r['layer'] for r in table.rows})} layers of {args.space} at batch {args.batch}, input "
+          f"{size}, layout {meta['layout']} on {meta['device']} ({meta['threads']} threads, torch {meta['torch']})")
+    print(f"wrote {path} and {path.with_suffix('.csv')}")
+    return 0
+
+
 def _cmd_report(args: argparse.Namespace) -> int:
     from .report import print_run
+    from .tune import is_tuning_run, print_tuning_run
 
-    print(print_run(args.run_dir))
+    print(print_tuning_run(args.run_dir) if is_tuning_run(args.run_dir) else print_run(args.run_dir))
+    return 0
+
+
+def _cmd_quality(args: argparse.Namespace) -> int:
+    from .bench.quality import QualityConfig, run_quality
+
+    table = run_quality(config_from_args(QualityConfig, args))
+    print(table.to_string(index=False))
     return 0
 
 
@@ -75,31 +141,77 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True)
 
-    def job(name: str, fn: Callable[[argparse.Namespace], int], help_text: str) -> argparse.ArgumentParser:
+    def job(name: str, fn: Callable[[argparse.Namespace], int], help_text: str,
+            cls: type = SearchConfig) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_text, description=help_text,
                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
         p.add_argument("--config", help="a JSON or TOML file of settings (flags override it)")
         p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
-        add_config_arguments(p, SearchConfig)
+        add_config_arguments(p, cls)
         p.set_defaults(func=fn)
         return p
 
     job("search", _cmd_search, "search the groups of every DGConv layer under a MAC budget, then export")
     job("train", _cmd_train, "train the dense network of a space with the search's schedule (the baseline)")
+    from .config import CompressConfig
+
+    job("compress", _cmd_compress, "self-group a saved model (SG-CNN) to a fraction or MAC budget, fine-tune, and "
+        "export diverse group layers (after a search: --model RUN_FOLDER)", CompressConfig)
 
     p = sub.add_parser("spaces", help="list the registered search spaces")
     p.add_argument("--macs", action="store_true", help="also count each space's dense MACs")
     p.set_defaults(func=_cmd_spaces)
 
-    p = sub.add_parser("report", help="print the summary and per-layer table of a run folder")
+    from .config import CompressConfig, TuneConfig
+
+    tune_help = ("tune a job's knobs with Optuna under its hard MAC budget (trials, objective, knobs, storage, "
+                 "workers); the study, trials, tables and plots go to --out")
+    p = sub.add_parser("tune", help=tune_help, description=tune_help)
+    tune_sub = p.add_subparsers(dest="tune_kind", required=True)
+    for kind, cls, what in (("search", SearchConfig, "the DGConv search's knobs (regularizer, gate and weight "
+                                                     "learning rates; in pareto mode also its budget)"),
+                            ("compress", CompressConfig, "the self-grouping pass's knobs (per-layer shares of the "
+                                                         "budget, clusters, fine-tuning learning rate)")):
+        q = tune_sub.add_parser(kind, help=f"tune {what}", description=f"tune {what}",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        q.add_argument("--config", help="a JSON or TOML file of the job's settings, with the tuning settings in a "
+                       "'tune' table (flags override it)")
+        q.add_argument("--resume", action="store_true", help="continue the tuning run in --out (after a crash, or to "
+                       "add trials); its saved settings are used")
+        add_config_arguments(q, cls)
+        add_config_arguments(q, TuneConfig)
+        q.set_defaults(func=_cmd_tune)
+
+    p = sub.add_parser("profile", help="measure each searchable layer's latency at every group count (a table)")
+    p.add_argument("--space", default="resnet20", help="search space name")
+    p.add_argument("--space-kwargs", default=None, help="builder arguments as JSON")
+    p.add_argument("--input-size", type=int, nargs=3, metavar=("C", "H", "W"), default=None,
+                   help="input size (default: the space's own)")
+    p.add_argument("--batch", type=int, default=1, help="batch size to measure at")
+    p.add_argument("--repeats", type=int, default=10, help="timed repetitions per candidate (median kept)")
+    p.add_argument("--out", default="latency_table.json", help="table path (.json; a .csv is written beside it)")
+    p.set_defaults(func=_cmd_profile)
+
+    p = sub.add_parser("report", help="print the summary and per-layer table of a run folder (or the trial table "
+                       "of a tuning run)")
     p.add_argument("run_dir")
     p.set_defaults(func=_cmd_report)
 
     p = sub.add_parser("bench", help="benchmarks, measured side by side in one run")
-    p.add_argument("what", choices=("dgconv", "search-overhead"), help="what to measure")
-    p.add_argument("--quick", action="store_true", help="fewer repetitions (a smoke run)")
-    p.add_argument("--out", default=None, help="also write the rows as CSV here")
-    p.set_defaults(func=_cmd_bench)
+    bench = p.add_subparsers(dest="what", required=True)
+    for name, text in (("dgconv", "DGConv2d training step and exported-layer latency vs nn.Conv2d"),
+                       ("search-overhead", "one search epoch vs one dense epoch"),
+                       ("compress", "self-grouping: latency vs MAC reduction, and digits accuracy")):
+        q = bench.add_parser(name, help=text, description=text)
+        q.add_argument("--quick", action="store_true", help="fewer repetitions (a smoke run)")
+        q.add_argument("--out", default=None, help="also write the rows as CSV here")
+        q.set_defaults(func=_cmd_bench)
+    from .bench.quality import QualityConfig
+
+    q = bench.add_parser("quality", help="accuracy at equal MAC budgets over seeds: dense, uniform groups, "
+                         "search, self-grouping, pipeline", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_config_arguments(q, QualityConfig)
+    q.set_defaults(func=_cmd_quality)
     return parser
 
 

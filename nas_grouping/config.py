@@ -10,6 +10,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar, get_type_hints
@@ -17,8 +19,8 @@ from typing import Any, TypeVar, get_type_hints
 from .data import DataConfig
 from .errors import ConfigError
 
-__all__ = ["SearchConfig", "SelfGroupingConfig", "CompressConfig", "config_to_dict", "config_from_dict",
-           "read_config_file", "add_config_arguments", "config_from_args"]
+__all__ = ["SearchConfig", "SelfGroupingConfig", "CompressConfig", "TuneConfig", "config_to_dict", "config_from_dict",
+           "read_config_file", "check_same_settings", "add_config_arguments", "config_from_args"]
 
 T = TypeVar("T")
 
@@ -46,7 +48,7 @@ class SearchConfig:
     lr: float = _f(0.05, "weight learning rate (SGD, cosine schedule over all epochs)")
     momentum: float = _f(0.9, "SGD momentum")
     weight_decay: float = _f(5e-4, "weight decay of the weights (never applied to gates)")
-    gate_optimizer: str = _f("sgd", "gate optimizer: sgd (momentum 0.9: gates move in proportion to the MACs they "
+    gate_optimizer: str = _f("sgd", "gate optimizer: sgd (no momentum: gates move in proportion to the MACs they "
                              "save) or adam (betas 0.5, 0.999); never weight decay",
                              choices=("adam", "sgd"))
     gate_lr: float = _f(0.03, "gate learning rate")
@@ -54,11 +56,20 @@ class SearchConfig:
     bilevel: bool = _f(False, "DARTS-style bi-level search: gates step on a held-out part of the training data")
     gate_split: float = _f(0.5, "bi-level: share of the training data that trains the gates")
     dense: bool = _f(False, "train the dense network instead (the baseline; no gates, no budget)")
+    fixed_groups: int | None = _f(None, "train with every searchable layer held at this many contiguous groups "
+                                  "(capped per layer; the ResNeXt-style uniform baseline; no search, no budget)")
     seed: int = _f(0, "seed of weights, gates, data order and augmentation")
     device: str = _f("auto", "auto, cpu, cuda or cuda:N")
     precision: str = _f("32", "32, bf16 or 16 (16 needs a GPU)", choices=("32", "bf16", "16"))
     channels_last: bool = _f(False, "train in channels-last memory format")
     compile: bool = _f(False, "torch.compile the model (DGConv2d compiles with no graph break)")
+    measure_latency: bool = _f(True, "after export, time each exported layer's exact forms and the memory layouts "
+                               "on this machine, keep the fastest, and report dense vs exported latency")
+    latency_batch: int = _f(1, "batch size at which latency is profiled, budgeted and optimised")
+    latency_budget: str | None = _f(None, "optional latency budget beside the MAC budget: milliseconds (2.5ms) or "
+                                    "a fraction of the dense model's latency (0.5), predicted from a measured table")
+    latency_table: str | None = _f(None, "latency table from `nas-grouping profile` (default: profile now, on this "
+                                   "machine, and save it in the run folder)")
     out: str = _f("runs/search", "run folder (checkpoint, exported model, reports)")
     progress: bool = _f(True, "show progress bars")
 
@@ -71,7 +82,9 @@ class SearchConfig:
         for name in ("warmup_epochs", "finetune_epochs"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
-        if self.warmup_epochs >= self.epochs and not self.dense:
+        if self.fixed_groups is not None and (self.fixed_groups < 1 or self.fixed_groups & (self.fixed_groups - 1)):
+            raise ConfigError(f"fixed_groups must be a power of two >= 1, got {self.fixed_groups}")
+        if self.warmup_epochs >= self.epochs and not self.dense and self.fixed_groups is None:
             raise ConfigError(
                 f"warmup_epochs ({self.warmup_epochs}) must be smaller than epochs ({self.epochs}), "
                 "or the gates never move"
@@ -115,6 +128,16 @@ def config_from_dict(cls: type[T], values: dict[str, Any]) -> T:
     return cls(**kwargs)
 
 
+def check_same_settings(saved: dict[str, Any], now: dict[str, Any], *, allowed: frozenset[str] | set[str],
+                        where: str | Path) -> None:
+    """Refuse to resume a run with other settings than it was made with (``allowed`` may differ)."""
+    diffs = [k for k in now if k not in allowed and saved.get(k) != now[k]]
+    if diffs:
+        detail = "; ".join(f"{k}: run has {saved.get(k)!r}, now {now[k]!r}" for k in diffs)
+        raise ConfigError(f"--resume with other settings than the run in {where}: {detail}. "
+                          "Resume with the same settings, or choose another --out.")
+
+
 def read_config_file(path: str | Path) -> dict[str, Any]:
     """Settings from a .json or .toml file (keys are the config's field names)."""
     path = Path(path)
@@ -136,7 +159,7 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
 # ------------------------------------------------------------------------ CLI
 
 #: parser destinations that are not config fields (subcommand plumbing)
-NOT_CONFIG = frozenset({"command", "config", "resume", "func"})
+NOT_CONFIG = frozenset({"command", "config", "resume", "func", "what"})
 
 
 def _parse_bool(text: str) -> bool:
@@ -162,21 +185,44 @@ def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
+def _attribute_docs(cls: type) -> dict[str, str]:
+    """Field help from a Google-style ``Attributes:`` block of the class docstring."""
+    docs, name, inside = {}, None, False
+    for line in (cls.__doc__ or "").splitlines():
+        text = line.strip()
+        if text == "Attributes:":
+            inside = True
+            continue
+        if not inside:
+            continue
+        head, sep, rest = text.partition(":")
+        if sep and head.isidentifier() and line.startswith(" " * 8) and not line.startswith(" " * 12):
+            name, docs[head] = head, rest.strip()
+        elif name and text:
+            docs[name] += " " + text
+        elif not text and name:
+            name = None
+    return docs
+
+
 def add_config_arguments(parser: argparse.ArgumentParser, cls: type, *, prefix: str = "") -> None:
     """Add one optional flag per field of ``cls`` (nested dataclasses flattened); defaults stay unset."""
     hints = get_type_hints(cls)
+    docs = _attribute_docs(cls)
     for f in dataclasses.fields(cls):
         typ = hints[f.name]
+        if typing.get_origin(typ) in (typing.Union, types.UnionType):  # Optional[X] -> X
+            typ = next((a for a in typing.get_args(typ) if a is not type(None)), str)
         if dataclasses.is_dataclass(typ):
             add_config_arguments(parser, typ, prefix=f"{f.name}.")
             continue
         dest = prefix + f.name
-        kwargs: dict[str, Any] = {"dest": dest, "default": argparse.SUPPRESS, "help": f.metadata.get("help", "")}
+        kwargs: dict[str, Any] = {"dest": dest, "default": argparse.SUPPRESS, "help": f.metadata.get("help", docs.get(f.name, ""))}
         if typ is bool or typ == "bool":
             kwargs.update(type=_parse_bool, nargs="?", const=True, metavar="BOOL")
         elif f.name == "budget":
             kwargs["type"] = _parse_budget
-        elif typ is dict:
+        elif typ in (dict, list):
             kwargs["type"] = json.loads
         elif typ in (int, float, str):
             kwargs["type"] = typ
@@ -237,6 +283,12 @@ class SelfGroupingConfig:
     lr: float = _f(0.01, "fine-tuning learning rate (SGD, cosine schedule within each fine-tuning phase)")
     momentum: float = _f(0.9, "SGD momentum")
     weight_decay: float = _f(1e-4, "weight decay (only kept weights exist, so pruned ones never come back)")
+    cluster_sizes: str = _f("free", "free (plain k-means, as the paper) or equal (k-means then an optimal "
+                            "assignment into clusters of equal size: faster grouped kernels)",
+                            choices=("free", "equal"))
+    threshold: str = _f("layer", "layer (the paper: one percentile threshold over all centroid values of a layer) or "
+                        "cluster (every cluster keeps the same share of its input channels: groups of equal width, "
+                        "which the grouped kernel runs without padding)", choices=("layer", "cluster"))
     kmeans_init: str = _f("k-means++", "k-means initialisation (the paper's code: random)",
                           choices=("k-means++", "random"))
     kmeans_restarts: int = _f(10, "k-means restarts per layer (the best one is kept)")
@@ -277,6 +329,10 @@ class SelfGroupingConfig:
             raise ConfigError(f"importance must be magnitude or taylor, got {self.importance!r}")
         if self.kmeans_init not in ("k-means++", "random"):
             raise ConfigError(f"kmeans_init must be k-means++ or random, got {self.kmeans_init!r}")
+        if self.cluster_sizes not in ("free", "equal"):
+            raise ConfigError(f"cluster_sizes must be free or equal, got {self.cluster_sizes!r}")
+        if self.threshold not in ("layer", "cluster"):
+            raise ConfigError(f"threshold must be layer or cluster, got {self.threshold!r}")
 
     @property
     def target_fraction(self) -> float | dict[str, float] | None:
@@ -337,3 +393,82 @@ class CompressConfig:
             raise ConfigError(f"latency_repeats must be >= 1, got {self.latency_repeats}")
         if self.precision not in ("32", "bf16", "16"):
             raise ConfigError(f"precision must be 32, bf16 or 16, got {self.precision!r}")
+
+
+# --------------------------------------------------------------------- tuning
+
+TUNE_OBJECTIVES = ("accuracy", "pareto")
+TUNE_SAMPLERS = ("tpe", "random", "gp", "nsgaii")
+TUNE_PRUNERS = ("auto", "percentile", "median", "hyperband", "none")
+
+
+@dataclass
+class TuneConfig:
+    """An Optuna study over a job's knobs under the job's hard MAC budget (`nas-grouping tune`).
+
+    The job itself (what to search or compress, the data, the budget, ``out``) is the job's own
+    config; this one says how to tune it. Field names differ from the jobs' so both share one
+    command line.
+    """
+
+    trials: int = _f(20, "trials of the study in all (all workers together; a resumed study counts the ones done)")
+    objective: str = _f("accuracy", "accuracy: maximize validation accuracy, pruning bad trials early; pareto: "
+                        "accuracy vs MACs, the Pareto front of feasible trials (no pruning)", choices=TUNE_OBJECTIVES)
+    knobs: dict = _f({}, "knob space as JSON {knob: {low, high, log, step} or {choices: [...]} or null to drop a "
+                     "default}; knobs are fields of the job's config (space_kwargs.NAME for builder arguments; "
+                     "compress: share, clusters, lr, ...)")
+    sampler: str = _f("tpe", "sampler: tpe, random, gp (Gaussian process) or nsgaii (multi-objective)",
+                      choices=TUNE_SAMPLERS)
+    pruner: str = _f("auto", "pruner, judging a search trial from the middle of its search phase on: auto "
+                     "(percentile for accuracy, none for pareto), percentile (stops the worst quarter), median, "
+                     "hyperband or none", choices=TUNE_PRUNERS)
+    startup_trials: int = _f(5, "trials sampled at random before the sampler models the space and the pruner prunes")
+    enqueue: list = _f([], "known-good knob settings to run first, as a JSON list of {knob: value}")
+    storage: str | None = _f(None, "where the study lives: default a SQLite file in --out (a journal file with "
+                             "--workers > 1); 'sqlite', 'journal', or a database URL such as "
+                             "postgresql+psycopg2://user:password@host:5432/db shared by workers on many machines")
+    study_name: str | None = _f(None, "study name in the storage (default: the name of the --out folder)")
+    workers: int = _f(1, "processes on this machine working on the study at once")
+    timeout: float | None = _f(None, "seconds after which no new trial starts (running ones finish)")
+    heartbeat: int = _f(60, "database storages: seconds between a running trial's heartbeats; a trial silent for "
+                        "3 beats (its worker died) is failed and retried once")
+
+    def __post_init__(self) -> None:
+        if isinstance(self.knobs, str):
+            self.knobs = _json_setting("knobs", self.knobs)
+        if isinstance(self.enqueue, str):
+            self.enqueue = _json_setting("enqueue", self.enqueue)
+        if isinstance(self.enqueue, dict):
+            self.enqueue = [self.enqueue]
+        if isinstance(self.timeout, str):
+            try:
+                self.timeout = float(self.timeout) if self.timeout.strip().lower() not in ("", "none") else None
+            except ValueError:
+                raise ConfigError(f"timeout: expected seconds, got {self.timeout!r}") from None
+        if not isinstance(self.knobs, dict):
+            raise ConfigError(f"knobs must be a JSON object {{knob: range}}, got {type(self.knobs).__name__}")
+        if not isinstance(self.enqueue, list) or not all(isinstance(e, dict) for e in self.enqueue):
+            raise ConfigError(f"enqueue must be a JSON list of {{knob: value}} objects, got {self.enqueue!r}")
+        for name in ("trials", "workers", "heartbeat"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ConfigError(f"{name} must be an integer >= 1, got {v!r}")
+        if isinstance(self.startup_trials, bool) or not isinstance(self.startup_trials, int) or self.startup_trials < 0:
+            raise ConfigError(f"startup_trials must be an integer >= 0, got {self.startup_trials!r}")
+        if self.timeout is not None and not self.timeout > 0:
+            raise ConfigError(f"timeout must be > 0 seconds, got {self.timeout}")
+        for name, allowed in (("objective", TUNE_OBJECTIVES), ("sampler", TUNE_SAMPLERS), ("pruner", TUNE_PRUNERS)):
+            if getattr(self, name) not in allowed:
+                raise ConfigError(f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
+        if self.objective == "pareto" and self.pruner not in ("auto", "none"):
+            raise ConfigError(f"pruner {self.pruner!r} needs objective=accuracy: Optuna cannot prune multi-objective "
+                              "trials; use --pruner none (or auto) with --objective pareto")
+        if self.study_name is not None and not str(self.study_name).strip():
+            raise ConfigError("study_name must not be empty (leave it unset for the --out folder's name)")
+
+
+def _json_setting(name: str, text: str) -> Any:
+    try:
+        return json.loads(text)
+    except ValueError as exc:
+        raise ConfigError(f"{name}: expected JSON, got {text!r} ({exc})") from None

@@ -38,6 +38,7 @@ __all__ = [
 
 FORMAT_VERSION = "nas-grouping/1"
 LAYERS_ATTR = "nas_grouping_layers"
+LAYOUT_ATTR = "nas_grouping_layout"
 RECIPE_ATTR = "nas_grouping_recipe"
 
 _EXPORTABLE: dict[str, tuple[type, Callable[[nn.Module], dict], Callable[[dict], nn.Module]]] = {}
@@ -173,6 +174,7 @@ def save_model(model: nn.Module, path: str | os.PathLike, *, recipe: dict[str, A
         "format": FORMAT_VERSION,
         "recipe": recipe,
         "layers": _layer_records(model),
+        "layout": getattr(model, LAYOUT_ATTR, "nchw"),
         "torch": torch.__version__,
         "extra": extra or {},
     }
@@ -208,6 +210,9 @@ def load_model(path: str | os.PathLike, *, builder: Callable[..., nn.Module] | N
         builder: a callable that builds the base network from the recipe's kwargs;
             needed when the recipe names no registered search space.
         map_location: where to put the tensors (a model saved on GPU loads on CPU).
+
+    The model comes back in eval mode, in the memory layout chosen at export; call
+    ``.train()`` to fine-tune it.
     """
     arch = read_architecture(path)
     recipe = arch["recipe"]
@@ -249,4 +254,8 @@ def load_model(path: str | os.PathLike, *, builder: Callable[..., nn.Module] | N
     except RuntimeError as exc:
         raise ExportError(f"{file} does not fit the rebuilt architecture: {exc}") from exc
     setattr(model, RECIPE_ATTR, recipe)
-    return model.to(map_location)
+    model = model.to(map_location)
+    if arch.get("layout") == "channels_last":
+        model = model.to(memory_format=torch.channels_last)
+    setattr(model, LAYOUT_ATTR, arch.get("layout", "nchw"))
+    return model.eval()

@@ -110,6 +110,12 @@ def format_summary(summary: dict[str, Any]) -> str:
            + (f" after {len(summary['projection_flips'])} projection change(s)" if summary.get("projected") else "")),
         f"parameters {summary['params']:,}; wall time {summary['wall_time_s']:.1f} s",
     ]
+    lat = summary.get("latency")
+    if lat:
+        parts = [f"batch {k.split('_')[1]}: dense {v['dense_ms']:.2f} ms, exported {v['exported_ms']:.2f} ms "
+                 f"({v['speedup']:.2f}x)" for k, v in lat.items() if k.startswith("batch_")]
+        lines.append(f"measured latency ({lat['device']}, {lat['threads']} threads, each in its fastest layout): "
+                     + "; ".join(parts))
     if summary.get("groups"):
         lines.append("groups per layer: " + ", ".join(f"{k}={v}" for k, v in summary["groups"].items()))
     return "\n".join(lines)

@@ -114,12 +114,11 @@ def test_projection_meets_the_budget_and_removes_the_cheapest_gates(fraction):
     flips = project_to_budget(model, cost, budget, batches, rt)
     assert cost.current_macs() <= budget
     offs = [f for f in flips if f["action"] == "off"]
-    assert offs and all(f["macs"] > 0 for f in offs)
-    # no gate that is off could be turned on again within the budget with an estimated gain
-    ons = [f for f in flips if f["action"] == "on"]
-    assert all(f["estimated_loss_change"] < 0 for f in ons)
-    # removals stop as soon as the model fits: before the last removal it did not
+    assert offs and all(f["groups_after"] >= 2 for f in offs)
+    # every change records the cost after it; removals stop as soon as the model fits
     last_off = max(i for i, f in enumerate(flips) if f["action"] == "off")
-    macs_before_last = cost.current_macs() + sum(f["macs"] for f in flips[last_off:] if f["action"] == "off") \
-        - sum(f["macs"] for f in flips[last_off:] if f["action"] == "on")
-    assert macs_before_last > budget
+    before_last = flips[last_off - 1]["MACs"] if last_off > 0 else cost.dense_macs
+    assert before_last > budget >= flips[last_off]["MACs"]
+    # gates turned back on fit the budget and are estimated to lower the loss
+    ons = flips[last_off + 1:]
+    assert all(f["action"] == "on" and f["estimated_loss_change"] < 0 and f["MACs"] <= budget for f in ons)

@@ -19,15 +19,19 @@ SMALL = {"widths": [8, 8, 16, 16, 16, 16]}
 
 def config(tmp_path, **kw) -> SearchConfig:
     base = dict(space="digits_convnet", space_kwargs=SMALL, epochs=3, warmup_epochs=1, finetune_epochs=1,
-                budget=0.5, progress=False, out=str(tmp_path / "run"), data=DataConfig(batch_size=128))
+                budget=0.5, progress=False, out=str(tmp_path / "run"), data=DataConfig(batch_size=128),
+                measure_latency=False)
     base.update(kw)
     return SearchConfig(**base)
 
 
 def test_search_meets_budget_and_writes_a_readable_run(tmp_path):
-    cfg = config(tmp_path)
+    cfg = config(tmp_path, measure_latency=True)
     result = search(cfg)
     s = result.summary
+    lat = s["latency"]
+    assert lat["batch_1"]["dense_ms"] > 0 and lat["batch_32"]["exported_ms"] > 0
+    assert lat["export_choice"]["layout"] in ("nchw", "channels_last")
     assert s["budget_met"] and s["macs"] <= s["budget_macs"] == s["dense_macs"] // 2
     assert s["macs"] == count_macs(result.model, (1, 8, 8))
     assert s["export_max_abs_diff"] < 1e-4
@@ -130,3 +134,13 @@ def test_budget_fractions_give_ordered_models_within_budget(tmp_path):
         assert s["budget_met"], fraction
         macs.append(s["macs"])
     assert macs[0] < macs[1] < macs[2]
+
+
+def test_fixed_groups_is_the_uniform_baseline(tmp_path):
+    result = search(config(tmp_path, fixed_groups=4))
+    s = result.summary
+    assert set(s["groups"].values()) == {4}
+    assert [h["phase"] for h in result.history] == ["train"] * 4
+    assert s["macs"] == s["budget_macs"] < s["dense_macs"] and not s["projected"]
+    with pytest.raises(ConfigError, match="power of two"):
+        config(tmp_path, fixed_groups=3)

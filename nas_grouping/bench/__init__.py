@@ -25,6 +25,22 @@ def run(what: str, args: argparse.Namespace) -> int:
             print(f"{r['space']} on {r['data']} (batch {r['batch_size']}, channels_last={r['channels_last']}): "
                   f"dense epoch {r['dense_epoch_s']:.2f} s, search epoch {r['search_epoch_s']:.2f} s, "
                   f"overhead {r['overhead']:.2f}x ({r['threads']} threads, torch {r['torch']})")
+    elif what == "compress":
+        from .compress import bench_accuracy, bench_latency, format_latency
+
+        if args.quick:
+            rows = bench_latency(width=1, fractions=(0.5,), batch_sizes=(1, 8), repeats=2, warmup=1,
+                                 kmeans_restarts=1, threads=1)
+        else:
+            rows = bench_latency(threads=1)
+        print(format_latency(rows))
+        acc = bench_accuracy(epochs=2, finetune_epochs=1, widths=(8, 8, 16, 16, 16, 16)) if args.quick \
+            else bench_accuracy()
+        for name, v in acc["variants"].items():
+            print(f"digits, {name}, {v['macs_fraction']:.1%} of the dense MACs (budget met: {v['budget_met']}): "
+                  f"dense val acc {acc['dense_val_acc']:.4f}, after pruning {v['val_acc_pruned']:.4f}, "
+                  f"pruned + fine-tuned {v['val_acc_after']:.4f}")
+        print("commands:\n  " + "\n  ".join(acc["commands"]))
     else:
         raise ValueError(what)
     if args.out:

@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ConfigError
+from .timing import sample_ms
 from ..ops.diverse_group import FORMS, DiverseGroupConv2d
 
 __all__ = ["DEFAULT_SHAPES", "bench_diverse_group", "format_table", "random_groups"]
@@ -62,18 +63,8 @@ def random_groups(
 
 
 def _time_ms(fns: dict[str, Callable[[], object]], warmup: int, repeats: int) -> dict[str, tuple[float, float]]:
-    """(median, min) latency in ms of each function; they take turns within every repetition."""
-    for _ in range(warmup):
-        for fn in fns.values():
-            fn()
-    times: dict[str, list[float]] = {k: [] for k in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            start = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - start)
-    return {k: (statistics.median(v) * 1e3, min(v) * 1e3) for k, v in times.items()}
-
+    """(median, min) latency in ms of each function, measured side by side."""
+    return {k: (statistics.median(v), min(v)) for k, v in sample_ms(fns, warmup=warmup, repeats=repeats).items()}
 
 def bench_diverse_group(
     *,

@@ -8,11 +8,11 @@ from typing import Callable
 
 import torch
 
-__all__ = ["median_ms", "machine_info"]
+__all__ = ["sample_ms", "median_ms", "machine_info"]
 
 
-def median_ms(fns: dict[str, Callable[[], object]], *, warmup: int = 3, repeats: int = 10) -> dict[str, float]:
-    """Median wall time (ms) of each function. They take turns within every repetition,
+def sample_ms(fns: dict[str, Callable[[], object]], *, warmup: int = 3, repeats: int = 10) -> dict[str, list[float]]:
+    """Wall times (ms) of each function. They take turns within every repetition,
     so a noisy neighbour slows all of them alike and the ratios stay fair."""
     for _ in range(warmup):
         for fn in fns.values():
@@ -22,8 +22,13 @@ def median_ms(fns: dict[str, Callable[[], object]], *, warmup: int = 3, repeats:
         for name, fn in fns.items():
             start = time.perf_counter()
             fn()
-            times[name].append(time.perf_counter() - start)
-    return {k: statistics.median(v) * 1e3 for k, v in times.items()}
+            times[name].append((time.perf_counter() - start) * 1e3)
+    return times
+
+
+def median_ms(fns: dict[str, Callable[[], object]], *, warmup: int = 3, repeats: int = 10) -> dict[str, float]:
+    """Median wall time (ms) of each function, measured side by side (see ``sample_ms``)."""
+    return {k: statistics.median(v) for k, v in sample_ms(fns, warmup=warmup, repeats=repeats).items()}
 
 
 def machine_info() -> dict[str, object]:

@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import ConfigError
+from ._channels import gather_channels
 
 __all__ = [
     "AUTO",
@@ -470,7 +471,7 @@ class _DiverseGroupBase(nn.Module):
                 outs.append(self._bias_only(x, f_len, b))
             else:
                 if run is None:
-                    xs = x.index_select(1, self._pg_in_index.narrow(0, in_start, in_len))
+                    xs = gather_channels(x, self._pg_in_index.narrow(0, in_start, in_len))
                 else:
                     xs = x if in_len == x.shape[1] else x.narrow(1, run[0], in_len)
                 outs.append(op(xs, w, b))
@@ -478,7 +479,7 @@ class _DiverseGroupBase(nn.Module):
         return self._reorder(y, 1, self._pg_inverse, self._pg_identity)
 
     def _reorder(self, y: Tensor, dim: int, index: Tensor, identity: bool) -> Tensor:
-        return y if identity else y.index_select(dim, index)
+        return y if identity else gather_channels(y, index, dim)
 
 
 class DiverseGroupConv2d(_DiverseGroupBase):
@@ -680,7 +681,7 @@ class DiverseGroupConv2d(_DiverseGroupBase):
             if self._n_conv_groups == 0:
                 return self._bias_only(input, self.out_channels, self.bias).contiguous()
             w, b = self._derived("grouped")
-            x = input if self._gather_identity else input.index_select(1, self._gather_index)
+            x = input if self._gather_identity else gather_channels(input, self._gather_index)
             y = self._conv(x, w, b, self._n_conv_groups)
             return self._reorder(y, 1, self._out_slot, self._out_identity)
         return self._per_group(input, self._conv)

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import ConfigError
+from ._channels import gather_channels
 
 __all__ = ["PermutedGroupConv2d", "conv_config", "conv_from_config"]
 
@@ -37,14 +38,6 @@ def conv_from_config(config: dict[str, Any]) -> nn.Conv2d:
     if not isinstance(c["padding"], str):
         c["padding"] = tuple(c["padding"])
     return nn.Conv2d(**c)
-
-
-def gather_channels(x: Tensor, index: Tensor) -> Tensor:
-    """``x[:, index]`` that keeps a channels-last tensor channels-last (grouped convs are
-    much faster in that layout on CPUs; a plain index_select would silently return NCHW)."""
-    if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
-        return x.permute(0, 2, 3, 1).index_select(3, index).permute(0, 3, 1, 2)
-    return x.index_select(1, index)
 
 
 def _check_perm(perm: Sequence[int] | None, n: int, what: str) -> list[int] | None:

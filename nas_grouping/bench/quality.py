@@ -1,0 +1,247 @@
+"""Accuracy at equal budgets: learned grouping vs uniform grouping, over seeds.
+
+For one network and data set and a list of MAC budgets (fractions of the dense
+model), every method is trained with the same epochs and schedule over N seeds:
+dense; uniform group convs at the smallest power-of-two G that fits each budget
+(the ResNeXt-style baseline); our DGConv search at each budget; the self-grouping
+pass on the trained dense model at each budget, fine-tuned; and the pipeline
+(search at twice the budget, then self-grouping down to it) on one budget.
+
+Each (method, budget, seed) cell is trained once and written to its own JSON
+file, so an interrupted benchmark resumes without rerunning finished cells, and
+seeds make every cell repeatable. Channel pruning with Torch-Pruning is not
+included (it is not a dependency of the package); a row says so.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import torch
+from tqdm.auto import tqdm
+
+from ..config import SearchConfig, _f, config_to_dict
+from ..data import DataConfig, load_datasets
+from ..errors import ConfigError
+from ..macs import count_macs
+from ..report import write_json
+from .timing import median_ms
+
+__all__ = ["QualityConfig", "run_quality", "uniform_groups_for_budget"]
+
+METHODS = ("dense", "uniform", "search", "self_grouping", "pipeline")
+
+
+@dataclass
+class QualityConfig:
+    """The accuracy-at-equal-budgets benchmark."""
+
+    space: str = _f("digits_convnet", "search space (a digits network by default)")
+    space_kwargs: dict = _f({}, "builder arguments of the space, as JSON")
+    data: DataConfig = field(default_factory=DataConfig, metadata={"help": "data set settings"})
+    budgets: list = _f([0.25, 0.125, 0.0625], "MAC budgets as fractions of the dense model")
+    seeds: int = _f(5, "seeds per (method, budget)")
+    epochs: int = _f(15, "training epochs of every dense / uniform / search cell")
+    sg_epochs: int = _f(5, "self-grouping fine-tuning epochs (on top of the trained dense model)")
+    methods: list = _f(list(METHODS), "methods to run")
+    pipeline_budget: float | None = _f(None, "the budget of the pipeline method (default: the smallest)")
+    quick: bool = _f(False, "2 seeds and the first budget only (a smoke run)")
+    out: str = _f("runs/quality", "run folder (resumable: finished cells are not rerun)")
+    progress: bool = _f(True, "show progress bars")
+
+    def __post_init__(self) -> None:
+        if isinstance(self.data, dict):
+            from ..config import config_from_dict
+
+            self.data = config_from_dict(DataConfig, self.data)
+        if not self.budgets or any(not 0 < float(b) <= 1 for b in self.budgets):
+            raise ConfigError(f"budgets must be fractions in (0, 1], got {self.budgets}")
+        unknown = set(self.methods) - set(METHODS)
+        if unknown:
+            raise ConfigError(f"unknown method(s) {sorted(unknown)}; known: {', '.join(METHODS)}")
+        if self.seeds < 1 or self.epochs < 3:
+            raise ConfigError("seeds must be >= 1 and epochs >= 3")
+
+    @property
+    def run_budgets(self) -> list[float]:
+        return [float(self.budgets[0])] if self.quick else [float(b) for b in self.budgets]
+
+    @property
+    def run_seeds(self) -> list[int]:
+        return list(range(2 if self.quick else self.seeds))
+
+
+def uniform_groups_for_budget(space: str, space_kwargs: dict, fraction: float, num_classes: int,
+                              input_size: tuple[int, ...]) -> tuple[int, int] | None:
+    """The smallest power-of-two G (capped per layer) whose uniform model fits ``fraction`` of the dense
+    MACs, with its MACs; None when even the largest G does not fit."""
+    from search_spaces import get_space
+
+    from ..budget import ModelCost
+    from ..convert import dgconv_layers
+
+    model = get_space(space, num_classes=num_classes, in_channels=input_size[0], **space_kwargs)
+    cost = ModelCost(model, input_size)
+    budget = fraction * cost.dense_macs
+    layers = dgconv_layers(model)
+    g = 1
+    while True:
+        for _, layer in layers:
+            layer.set_groups(min(g, layer.max_groups))
+        if cost.current_macs() <= budget:
+            return g, cost.current_macs()
+        if all(g >= layer.max_groups for _, layer in layers):
+            return None
+        g *= 2
+
+
+def _latency_ms(model: torch.nn.Module, input_size: tuple[int, ...]) -> float:
+    model = model.eval()
+    x = torch.randn(1, *input_size)
+    with torch.inference_mode():
+        nchw = median_ms({"m": lambda: model(x)}, warmup=3, repeats=15)["m"]
+    return nchw
+
+
+class _Bench:
+    def __init__(self, cfg: QualityConfig) -> None:
+        self.cfg = cfg
+        self.out = Path(cfg.out)
+        self.cells = self.out / "cells"
+        self.cells.mkdir(parents=True, exist_ok=True)
+        self.ds = load_datasets(cfg.data)
+        self.size = (self.ds.in_channels, *self.ds.input_size)
+
+    def search_config(self, name: str, seed: int, **kw: Any) -> SearchConfig:
+        e = self.cfg.epochs
+        base = dict(space=self.cfg.space, space_kwargs=self.cfg.space_kwargs, data=self.cfg.data, seed=seed,
+                    epochs=e - max(1, e // 3), warmup_epochs=max(1, e // 5), finetune_epochs=max(1, e // 3),
+                    progress=False, measure_latency=False, out=str(self.out / "runs" / name))
+        if kw.get("dense") or kw.get("fixed_groups"):
+            base.update(epochs=e, warmup_epochs=0, finetune_epochs=0)
+        base.update(kw)
+        return SearchConfig(**base)
+
+    def run_search(self, name: str, seed: int, **kw: Any):
+        from ..search import search
+
+        cfg = self.search_config(name, seed, **kw)
+        resume = (Path(cfg.out) / "checkpoint.pt").exists()
+        with contextlib.redirect_stdout(io.StringIO()):
+            return search(cfg, resume=resume)
+
+    def self_group(self, model, budget: float | int, seed: int):
+        from ..config import SelfGroupingConfig
+        from ..self_grouping import SelfGrouping
+
+        sg = SelfGrouping(SelfGroupingConfig(budget=budget, epochs=self.cfg.sg_epochs, seed=seed, progress=False))
+        with contextlib.redirect_stdout(io.StringIO()):
+            result = sg.run(model, self.ds, batch_size=self.cfg.data.batch_size)
+        return result.model, result.val_acc("global") or result.val_acc("pruned")
+
+    def cell(self, method: str, budget: float | None, seed: int) -> dict[str, Any]:
+        key = f"{method}-{'dense' if budget is None else budget}-{seed}"
+        path = self.cells / f"{key}.json"
+        if path.is_file():
+            return json.loads(path.read_text())
+        start = time.perf_counter()
+        row: dict[str, Any] = {"method": method, "budget": budget, "seed": seed}
+        if method == "dense":
+            r = self.run_search(key, seed, dense=True)
+            model, acc = r.model, r.summary["val_acc"]
+        elif method == "uniform":
+            found = uniform_groups_for_budget(self.cfg.space, self.cfg.space_kwargs, budget, self.ds.num_classes,
+                                              self.size)
+            if found is None:
+                row.update(status="infeasible: even the largest uniform G exceeds the budget")
+                write_json(path, row)
+                return row
+            r = self.run_search(key, seed, fixed_groups=found[0])
+            model, acc = r.model, r.summary["val_acc"]
+            row["groups"] = found[0]
+        elif method == "search":
+            r = self.run_search(key, seed, budget=budget)
+            model, acc = r.model, r.summary["val_acc"]
+        elif method == "self_grouping":
+            from ..export import load_model
+
+            self.cell("dense", None, seed)
+            dense = load_model(self.out / "runs" / f"dense-dense-{seed}" / "model")
+            model, acc = self.self_group(dense, budget, seed)
+        else:  # pipeline: search at twice the budget, then self-group down to it
+            r = self.run_search(key, seed, budget=min(1.0, 2 * budget))
+            target = int(budget * r.summary["dense_macs"])
+            model, acc = self.self_group(r.model, target, seed)
+        row.update(status="ok", val_acc=float(acc), macs=count_macs(model, self.size),
+                   latency_ms_b1=_latency_ms(model, self.size), seconds=time.perf_counter() - start)
+        write_json(path, row)
+        return row
+
+    def plan(self) -> list[tuple[str, float | None, int]]:
+        cfg = self.cfg
+        pipeline_budget = cfg.pipeline_budget or min(cfg.run_budgets)
+        todo = []
+        for seed in cfg.run_seeds:
+            for method in cfg.methods:
+                if method == "dense":
+                    todo.append(("dense", None, seed))
+                elif method == "pipeline":
+                    todo.append(("pipeline", float(pipeline_budget), seed))
+                else:
+                    todo.extend((method, b, seed) for b in cfg.run_budgets)
+        return todo
+
+
+def run_quality(cfg: QualityConfig) -> pd.DataFrame:
+    """Run (or resume) the benchmark; returns the aggregated table and writes CSV, JSON and a plot to ``cfg.out``."""
+    bench = _Bench(cfg)
+    write_json(bench.out / "config.json", config_to_dict(cfg))
+    rows = []
+    todo = bench.plan()
+    for method, budget, seed in tqdm(todo, desc="cells", disable=not cfg.progress, dynamic_ncols=True):
+        rows.append(bench.cell(method, budget, seed))
+    cells = pd.DataFrame(rows)
+    cells.to_csv(bench.out / "cells.csv", index=False)
+    ok = cells[cells["status"] == "ok"].copy()
+    ok["budget"] = ok["budget"].fillna(1.0)
+    table = ok.groupby(["method", "budget"]).agg(
+        acc_mean=("val_acc", "mean"), acc_std=("val_acc", "std"), seeds=("val_acc", "size"),
+        macs_mean=("macs", "mean"), latency_ms_b1=("latency_ms_b1", "median"),
+        accs=("val_acc", lambda v: " ".join(f"{a:.4f}" for a in v))).reset_index()
+    dense_macs = float(ok[ok["method"] == "dense"]["macs"].mean()) if (ok["method"] == "dense").any() else None
+    if dense_macs:
+        table["macs_fraction"] = table["macs_mean"] / dense_macs
+    table.to_csv(bench.out / "table.csv", index=False)
+    skipped = cells[cells["status"] != "ok"][["method", "budget", "seed", "status"]].to_dict("records")
+    write_json(bench.out / "summary.json", {"table": table.to_dict("records"), "skipped": skipped,
+                                            "torch_pruning": "not run: not a dependency of the package"})
+    _plot(table, bench.out / "quality.png")
+    return table
+
+
+def _plot(table: pd.DataFrame, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for method, rows in table.groupby("method"):
+        rows = rows.sort_values("macs_mean")
+        ax.errorbar(rows["macs_mean"], rows["acc_mean"], yerr=rows["acc_std"].fillna(0), marker="o", capsize=3,
+                    label=method)
+    ax.set_xscale("log")
+    ax.set_xlabel("MACs per sample")
+    ax.set_ylabel("validation accuracy (mean ± std over seeds)")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -1,0 +1,314 @@
+"""`nas-grouping compress`: self-group a saved model on a data set, fine-tune it, and write a run folder.
+
+The model comes from a folder written by ``save_model`` (a search run folder works too:
+its ``model/`` is used), or from a torchvision model name / registered space name plus a
+state dict. The run folder holds ``config.json``, ``checkpoint.pt`` (resumable),
+``history.csv``, ``layers.csv`` (per layer: clusters, group sizes, kept connections,
+MACs before/after, or why it was skipped), ``summary.json`` (accuracy before, after
+pruning and after fine-tuning; MACs; CPU latency of both models) and ``model/``, the
+compressed model, loadable with ``load_model``.
+
+Search then compress is two calls: ``nas-grouping search --out runs/s`` then
+``nas-grouping compress --model runs/s --budget 0.5``.
+"""
+
+from __future__ import annotations
+
+import copy
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import pandas as pd
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .bench.timing import sample_ms
+from .config import CompressConfig, config_to_dict
+from .data import load_datasets
+from .errors import ConfigError, ExportError
+from .export import RECIPE_ATTR, load_model, save_model
+from .macs import count_macs, count_parameters, layer_macs
+from .report import read_json, write_json
+from .runtime import setup_runtime
+from .self_grouping import GroupingPlan, LayerOutcome, SelfGrouping
+
+__all__ = ["compress", "CompressResult", "load_source_model", "measure_latency", "layer_table", "format_summary"]
+
+#: CompressConfig fields that may differ between a run and its resumption
+RESUMABLE_CHANGES = frozenset({"out", "device", "precision", "channels_last", "latency_batches", "latency_repeats"})
+
+
+@dataclass
+class CompressResult:
+    """What ``compress`` returns: both models, the per-layer table, the history and the summary it wrote."""
+
+    model: nn.Module
+    original: nn.Module
+    summary: dict[str, Any]
+    layers: pd.DataFrame
+    history: list[dict[str, Any]]
+    run_dir: Path
+
+
+def _read_state_dict(path: str) -> dict[str, torch.Tensor]:
+    file = Path(path)
+    if not file.is_file():
+        raise ExportError(f"state dict {file.resolve()} does not exist; pass the file written by "
+                          "torch.save(model.state_dict(), path)")
+    try:
+        state = torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises several types for corrupt or foreign files
+        raise ExportError(f"{file} is not a readable state dict ({type(exc).__name__}: {exc}); expected a file "
+                          "written by torch.save(model.state_dict(), path)") from exc
+    for key in ("model", "state_dict"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ExportError(f"{file} holds a {type(state).__name__}, not a state dict of tensors (nor a checkpoint "
+                          "with one under 'model' or 'state_dict')")
+    if state and all(k.startswith("module.") for k in state):
+        state = {k[len("module."):]: v for k, v in state.items()}
+    return state
+
+
+def load_source_model(cfg: CompressConfig, *, num_classes: int, in_channels: int) -> tuple[nn.Module, dict[str, Any]]:
+    """The model to compress (in eval mode, on the CPU) and facts about where it came from.
+
+    Raises:
+        ExportError: no saved model in the folder, an unreadable or mismatched state dict.
+        ConfigError: an unknown architecture name; a search run made on another data set.
+    """
+    info: dict[str, Any] = {}
+    if cfg.model is not None:
+        folder = Path(cfg.model)
+        if (folder / "architecture.json").is_file():
+            model = load_model(folder)
+        elif (folder / "model" / "architecture.json").is_file():
+            model = load_model(folder / "model")
+            if (folder / "config.json").is_file():
+                run_cfg = read_json(folder / "config.json")
+                run_data = (run_cfg.get("data") or {}).get("dataset") if isinstance(run_cfg, dict) else None
+                info["run_dataset"] = run_data
+                if run_data is not None and run_data != cfg.data.dataset:
+                    raise ConfigError(f"{folder} was trained on {run_data!r} but the data set is "
+                                      f"{cfg.data.dataset!r}; pass --dataset {run_data} (and its --data-dir)")
+        else:
+            raise ExportError(f"no saved model at {folder.resolve()}: expected architecture.json and weights.pt "
+                              "there (save_model), or a search run folder holding model/")
+        info["source"] = str(folder)
+    else:
+        from search_spaces import get_space, list_spaces
+
+        kwargs = {"num_classes": num_classes, "in_channels": in_channels, **cfg.arch_kwargs}
+        if cfg.arch in list_spaces():
+            model = get_space(cfg.arch, dense=True, **kwargs)
+        else:
+            model = get_space("torchvision", name=cfg.arch, dense=True, **kwargs)
+        state = _read_state_dict(cfg.state_dict)
+        try:
+            model.load_state_dict(state)
+        except RuntimeError as exc:
+            raise ExportError(f"{cfg.state_dict} does not fit {cfg.arch} built for {num_classes} classes and "
+                              f"{in_channels} input channels: {str(exc).splitlines()[0]} ... Check --arch, "
+                              "--arch-kwargs and the data set.") from exc
+        info["source"] = f"{cfg.arch} + {cfg.state_dict}"
+    return model.cpu().eval(), info
+
+
+def _check_outputs(model: nn.Module, input_size: Sequence[int], num_classes: int) -> None:
+    with torch.no_grad():
+        try:
+            out = model(torch.zeros(1, *input_size))
+        except (RuntimeError, ValueError) as exc:
+            raise ConfigError(f"the model does not run on the data set's inputs of size {tuple(input_size)}: "
+                              f"{exc}") from exc
+    if out.dim() != 2 or out.shape[1] != num_classes:
+        raise ConfigError(f"the model outputs shape {tuple(out.shape)} but the data set has {num_classes} classes")
+
+
+def measure_latency(models: dict[str, nn.Module], input_size: Sequence[int], batch_sizes: Sequence[int], *,
+                    repeats: int = 10, warmup: int = 3) -> list[dict[str, Any]]:
+    """CPU inference latency (median ms) of each model in NCHW and channels-last, taking turns.
+
+    One row per (batch, model) with ``nchw_ms``, ``channels_last_ms``, ``ms`` (the faster)
+    and ``layout``: a fair comparison puts each model in its fastest layout. ``min_ms`` is the
+    fastest single call in that layout, a cross-check when other work shares the machine.
+    """
+    rows = []
+    copies = {}
+    for name, model in models.items():
+        m = copy.deepcopy(model).cpu().eval()
+        copies[name, "nchw"] = m
+        copies[name, "channels_last"] = copy.deepcopy(m).to(memory_format=torch.channels_last)
+    with torch.inference_mode():
+        for batch in batch_sizes:
+            x = torch.randn(batch, *input_size)
+            inputs = {"nchw": x, "channels_last": x.contiguous(memory_format=torch.channels_last)}
+            fns = {f"{name}|{layout}": (lambda m=m, xi=inputs[layout]: m(xi)) for (name, layout), m in copies.items()}
+            samples = sample_ms(fns, warmup=warmup, repeats=repeats)
+            ms = {k: statistics.median(v) for k, v in samples.items()}
+            for name in models:
+                nchw, cl = ms[f"{name}|nchw"], ms[f"{name}|channels_last"]
+                layout = "nchw" if nchw <= cl else "channels_last"
+                rows.append({"batch": batch, "model": name, "nchw_ms": nchw, "channels_last_ms": cl,
+                             "ms": min(nchw, cl), "layout": layout, "min_ms": min(samples[f"{name}|{layout}"])})
+    return rows
+
+
+def _layer_macs_by(model: nn.Module, input_size: Sequence[int], names: Sequence[str]) -> dict[str, int]:
+    rows = layer_macs(model, input_size)
+    return {n: sum(r.macs for r in rows if not n or r.name == n or r.name.startswith(n + ".")) for n in names}
+
+
+def layer_table(plan: GroupingPlan, outcomes: Sequence[LayerOutcome], before: nn.Module, after: nn.Module,
+                input_size: Sequence[int]) -> pd.DataFrame:
+    """One row per conv/linear layer of the plan: what was done (or why not), groups, connections, MACs."""
+    names = [lp.name for lp in plan.layers]
+    macs_before = _layer_macs_by(before, input_size, names)
+    macs_after = _layer_macs_by(after, input_size, names)
+    by_name = {o.name: o for o in outcomes}
+    rows = []
+    for lp in plan.layers:
+        o = by_name.get(lp.name)
+        layer_after = after.get_submodule(lp.name) if lp.name else after
+        rows.append({
+            "layer": lp.name, "kind": lp.kind, "kind_after": type(layer_after).__name__,
+            "in_channels": lp.in_channels, "out_channels": lp.out_channels,
+            "kernel": "x".join(map(str, lp.kernel_size)) or "-", "pruned": lp.prune, "reason": lp.reason,
+            "clusters": lp.clusters, "clusters_found": o.clusters if o else None,
+            "groups": len(o.group_sizes) if o else None,
+            "group_sizes": " ".join(f"{f}x{s}" for f, s in zip(o.group_sizes, o.group_inputs)) if o else None,
+            "connections_before": lp.connections if lp.prune else None,
+            "kept_connections": o.kept if o else None,
+            "target_fraction": lp.fraction,
+            "pruned_fraction": (1 - o.kept / lp.connections) if o and lp.connections else None,
+            "macs_before": macs_before[lp.name], "macs_after": macs_after[lp.name],
+        })
+    df = pd.DataFrame(rows)
+    for column in ("clusters", "clusters_found", "groups", "connections_before", "kept_connections"):
+        df[column] = df[column].astype("Int64")
+    df["macs_ratio"] = df["macs_after"] / df["macs_before"].where(df["macs_before"] > 0)
+    return df
+
+
+def format_summary(s: dict[str, Any]) -> str:
+    """A few readable lines of a compress summary."""
+    def acc(v: Any) -> str:
+        return "-" if v is None else f"{v:.4f}"
+
+    lines = [
+        f"accuracy: before {acc(s['val_acc_before'])}, after pruning {acc(s['val_acc_pruned'])}, "
+        f"after fine-tuning {acc(s['val_acc_after'])}",
+        f"MACs {s['macs_before']:,} -> {s['macs_after']:,} per sample ({s['mac_reduction']:.2f}x fewer)"
+        + (f"; budget {s['budget_macs']:,}: {'met' if s['budget_met'] else 'NOT met'}"
+           if s.get("budget_macs") is not None else ""),
+        f"parameters {s['params_before']:,} -> {s['params_after']:,}; {len(s['pruned_layers'])} layers pruned, "
+        f"{len(s['skipped_layers'])} skipped",
+    ]
+    for row in s.get("speedup", []):
+        lines.append(f"CPU latency at batch {row['batch']}: {row['input_ms']:.3f} ms ({row['input_layout']}) -> "
+                     f"{row['compressed_ms']:.3f} ms ({row['compressed_layout']}), speed-up {row['speedup']:.2f}x")
+    slower = [row["batch"] for row in s.get("speedup", []) if row["speedup"] < 1]
+    if slower and (s.get("cluster_sizes"), s.get("threshold")) != ("equal", "cluster"):
+        lines.append(f"hint: not faster at batch {', '.join(map(str, slower))}. Groups of uneven sizes and widths make "
+                     "the diverse group kernels pad or split (and layers under ~64 channels are overhead-bound on "
+                     "CPUs); --cluster-sizes equal --threshold cluster --clusters 2 give uniform groups that run as "
+                     "one grouped kernel (`nas-grouping bench compress` compares them)")
+    return "\n".join(lines)
+
+
+def _check_resume(out: Path, cfg: CompressConfig) -> None:
+    saved = read_json(out / "config.json") if (out / "config.json").is_file() else None
+    if saved is None:
+        return
+    now = config_to_dict(cfg)
+    for values in (saved, now):
+        if isinstance(values.get("grouping"), dict):
+            values["grouping"] = {k: v for k, v in values["grouping"].items() if k != "progress"}
+    diffs = [k for k in now if k not in RESUMABLE_CHANGES and saved.get(k) != now[k]]
+    if diffs:
+        detail = "; ".join(f"{k}: run has {saved.get(k)!r}, now {now[k]!r}" for k in diffs)
+        raise ConfigError(f"--resume with other settings than the run in {out}: {detail}. Resume with the same "
+                          "settings, or choose another --out.")
+
+
+def compress(cfg: CompressConfig, *, resume: bool = False) -> CompressResult:
+    """Self-group the model of ``cfg`` on its data set, fine-tune, and write the run folder ``cfg.out``.
+
+    Raises:
+        BudgetError: a budget the prunable layers cannot reach (before any training).
+        ConfigError / DataError / ExportError: bad settings, data or model files (before any training).
+    """
+    start = time.perf_counter()
+    if not isinstance(cfg, CompressConfig):
+        raise TypeError(f"cfg must be a CompressConfig, got {type(cfg).__name__}")
+    rt = setup_runtime(cfg.device, cfg.precision, cfg.channels_last)
+    out = Path(cfg.out)
+    ds = load_datasets(cfg.data)
+    input_size = (ds.in_channels, *ds.input_size)
+    original, info = load_source_model(cfg, num_classes=ds.num_classes, in_channels=ds.in_channels)
+    _check_outputs(original, input_size, ds.num_classes)
+    sg = SelfGrouping(cfg.grouping)
+    plan = sg.plan(original, input_size)
+    if resume:
+        if not (out / "checkpoint.pt").is_file():
+            raise ConfigError(f"no checkpoint in {out.resolve()}: nothing to resume; run without --resume")
+        _check_resume(out, cfg)
+    elif (out / "checkpoint.pt").exists():
+        raise ConfigError(f"{out} already holds a run; pass --resume to continue it, or choose another --out")
+    if rt.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        write_json(out / "config.json", config_to_dict(cfg))
+        tqdm.write(f"[nas-grouping] compress {info['source']} on {ds.name}: {plan.macs:,} MACs/sample, "
+                   + (f"budget {plan.budget_macs:,} (global fraction {plan.global_fraction:.3f})"
+                      if plan.budget_macs is not None else f"fraction {cfg.grouping.target_fraction}")
+                   + f", {len(plan.prunable)} layers to prune, {len(plan.skipped)} skipped, device {rt.device}")
+    result = sg.run(original, ds, batch_size=cfg.data.batch_size, rt=rt, out=out, resume=resume, plan=plan)
+    compressed = result.model
+    compressed_cpu = copy.deepcopy(compressed).cpu().eval()
+    macs_before, macs_after = count_macs(original, input_size), count_macs(compressed_cpu, input_size)
+    layers = layer_table(plan, result.outcomes, original, compressed_cpu, input_size)
+    latency = measure_latency({"input": original, "compressed": compressed_cpu}, input_size, cfg.latency_batches,
+                              repeats=cfg.latency_repeats) if cfg.latency_batches else []
+    speedup = []
+    for batch in cfg.latency_batches:
+        a = next(r for r in latency if r["batch"] == batch and r["model"] == "input")
+        b = next(r for r in latency if r["batch"] == batch and r["model"] == "compressed")
+        speedup.append({"batch": batch, "input_ms": a["ms"], "input_layout": a["layout"], "compressed_ms": b["ms"],
+                        "compressed_layout": b["layout"], "speedup": a["ms"] / b["ms"]})
+    summary: dict[str, Any] = {
+        "source": info["source"], "dataset": ds.name, "input_size": list(input_size),
+        "val_acc_before": result.val_acc("input"), "val_acc_pruned": result.val_acc("pruned"),
+        "val_acc_after": result.history[-1]["val_acc"],
+        "macs_before": macs_before, "macs_after": macs_after, "mac_reduction": macs_before / max(macs_after, 1),
+        "macs_fraction": macs_after / max(macs_before, 1), "planned_macs_at_most": plan.macs_after,
+        "budget_macs": plan.budget_macs, "global_fraction": plan.global_fraction,
+        "budget_met": None if plan.budget_macs is None else macs_after <= plan.budget_macs,
+        "params_before": count_parameters(original), "params_after": count_parameters(compressed_cpu),
+        "pruned_layers": [lp.name for lp in plan.prunable],
+        "skipped_layers": {lp.name: lp.reason for lp in plan.skipped},
+        "steps": cfg.grouping.steps, "finetune": cfg.grouping.finetune, "importance": cfg.grouping.importance,
+        "clusters": cfg.grouping.clusters, "cluster_sizes": cfg.grouping.cluster_sizes,
+        "threshold": cfg.grouping.threshold,
+        "latency": latency, "speedup": speedup, "threads": torch.get_num_threads(),
+        "device": str(rt.device), "wall_time_s": time.perf_counter() - start,
+    }
+    if rt.is_main:
+        pd.DataFrame(result.history).to_csv(out / "history.csv", index=False)
+        layers.to_csv(out / "layers.csv", index=False)
+        recipe = getattr(original, RECIPE_ATTR, None)
+        save_model(compressed_cpu, out / "model", recipe=recipe, extra={
+            k: summary[k] for k in ("val_acc_after", "macs_before", "macs_after", "budget_macs", "dataset", "source")})
+        reloaded = load_model(out / "model").eval()
+        x = torch.randn(8, *input_size)
+        with torch.no_grad():
+            summary["reload_max_abs_diff"] = float((reloaded(x) - compressed_cpu(x)).abs().max())
+        write_json(out / "summary.json", summary)
+        tqdm.write(format_summary(summary))
+    rt.barrier()
+    return CompressResult(model=compressed_cpu, original=original, summary=summary, layers=layers,
+                          history=result.history, run_dir=out)

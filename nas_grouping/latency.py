@@ -1,0 +1,328 @@
+"""Measured latency: the fastest exact form of exported layers, and per-layer latency tables.
+
+Fewer MACs is not the goal, a faster model is. On CPUs a grouped convolution on
+a narrow layer can be slower than the dense one, and the memory layout alone can
+change a layer's time several times over (see the project's notes). So the
+exporter times the exact forms of each exported layer (grouped conv between
+channel gathers, or one dense conv on the block-structured weight) in the
+model's faster layout, on the machine it runs on, and keeps the fastest; the
+choice is recorded in the saved architecture. ``profile_layers`` measures each
+searchable layer at every candidate group count and saves a table keyed by
+device, torch version, threads and shapes.
+
+Timing practice: warm-up, interleaved repetitions, median, thread count recorded.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import platform
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from ._io import atomic_write
+from .bench.timing import median_ms
+from .convert import dgconv_layers
+from .errors import BudgetError, ConfigError
+from .export import LAYERS_ATTR, LAYOUT_ATTR, export_model, replace_layer
+from .macs import check_input_size
+from .ops.dgconv import DGConv2d
+from .ops.group_conv import PermutedGroupConv2d
+
+__all__ = ["device_name", "measure_ms", "choose_fastest_forms", "latency_report", "LatencyTable",
+           "profile_layers", "LatencyCost", "parse_latency_budget", "LatencyDeviceWarning"]
+
+class LatencyDeviceWarning(UserWarning):
+    """A latency table measured on another device, torch version or thread count."""
+
+
+def device_name(device: torch.device | str = "cpu") -> str:
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        return torch.cuda.get_device_name(dev)
+    return f"cpu:{platform.processor() or platform.machine()}"
+
+
+def _set_layout(model: nn.Module, layout: str) -> nn.Module:
+    fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+    return model.to(memory_format=fmt)
+
+
+def _input(input_size: Sequence[int], batch: int, layout: str, like: nn.Module) -> Tensor:
+    ref = next(like.parameters(), None)
+    device = ref.device if ref is not None else torch.device("cpu")
+    x = torch.randn(batch, *input_size, device=device, generator=torch.Generator(device=device).manual_seed(0))
+    return x.contiguous(memory_format=torch.channels_last) if layout == "channels_last" and x.dim() == 4 else x
+
+
+def measure_ms(model: nn.Module, input_size: Sequence[int], *, batch: int = 1, layouts: Sequence[str] = ("nchw",),
+               repeats: int = 10, warmup: int = 3) -> dict[str, float]:
+    """Median inference latency (ms) of ``model`` in each memory layout, measured side by side."""
+    size = check_input_size(input_size)
+    fns = {}
+    for layout in layouts:
+        m = _set_layout(copy.deepcopy(model).eval(), layout)
+        x = _input(size, batch, layout, m)
+        fns[layout] = (lambda m=m, x=x: m(x))
+    with torch.inference_mode():
+        return median_ms(fns, warmup=warmup, repeats=repeats)
+
+
+def _exported_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """Layers whose form can be chosen: the exported group convs recorded for saving."""
+    records = getattr(model, LAYERS_ATTR, None) or {}
+    out = []
+    for name in records:
+        layer = model.get_submodule(name)
+        if isinstance(layer, PermutedGroupConv2d) or (type(layer) is nn.Conv2d and layer.groups > 1):
+            out.append((name, layer))
+    return out
+
+
+def _layer_inputs(model: nn.Module, names: list[str], input_size: Sequence[int], batch: int,
+                  layout: str) -> dict[str, Tensor]:
+    inputs: dict[str, Tensor] = {}
+    handles = [model.get_submodule(n).register_forward_hook(
+        lambda mod, args, out, n=n: inputs.__setitem__(n, args[0].detach())) for n in names]
+    try:
+        with torch.inference_mode():
+            model(_input(input_size, batch, layout, model))
+    finally:
+        for h in handles:
+            h.remove()
+    return inputs
+
+
+def choose_fastest_forms(model: nn.Module, input_size: Sequence[int], *, batch: int = 1, repeats: int = 20,
+                         warmup: int = 3, inplace: bool = False) -> tuple[nn.Module, dict[str, Any]]:
+    """Pick, on this machine, the faster memory layout for the whole model and the faster exact
+    form (grouped or dense-on-block-weight) of every exported group conv.
+
+    Returns the model (forms set, layout applied, recorded for ``save_model``) and a report with
+    every timing. Outputs are unchanged up to float rounding: every form is exact.
+    """
+    size = check_input_size(input_size)
+    target = model if inplace else copy.deepcopy(model)
+    target.eval()
+    whole = measure_ms(target, size, batch=batch, layouts=("nchw", "channels_last"), repeats=repeats,
+                       warmup=warmup)
+    layout = min(whole, key=whole.get)
+    _set_layout(target, layout)
+    layers = _exported_layers(target)
+    inputs = _layer_inputs(target, [n for n, _ in layers], size, batch, layout)
+    report: dict[str, Any] = {"batch": batch, "layout": layout, "model_ms": whole, "layers": {},
+                              "device": device_name(next(target.parameters()).device),
+                              "threads": torch.get_num_threads(), "torch": torch.__version__}
+    for name, layer in layers:
+        if name not in inputs:
+            continue
+        candidate = layer if isinstance(layer, PermutedGroupConv2d) else PermutedGroupConv2d.from_conv(layer)
+        x = inputs[name]
+        grouped = copy.deepcopy(candidate)
+        grouped.form = "grouped"
+        dense = copy.deepcopy(candidate)
+        dense.form = "dense"
+        with torch.inference_mode():
+            t = median_ms({"grouped": lambda: grouped(x), "dense": lambda: dense(x)}, warmup=warmup, repeats=repeats)
+        best = min(t, key=t.get)
+        report["layers"][name] = {"grouped_ms": t["grouped"], "dense_ms": t["dense"], "form": best,
+                                  "groups": candidate.groups}
+        if best == "dense" or isinstance(layer, PermutedGroupConv2d):
+            candidate.form = best
+            if candidate is not layer:
+                replace_layer(target, name, candidate)
+            else:
+                replace_layer(target, name, layer)  # re-record the chosen form
+    setattr(target, LAYOUT_ATTR, layout)
+    return target, report
+
+
+def parse_latency_budget(text: str | float, dense_ms: float) -> float:
+    """``"2.5ms"`` -> 2.5 ms; ``0.5`` or ``"0.5"`` -> half the dense model's latency."""
+    t = str(text).strip().lower()
+    try:
+        if t.endswith("ms"):
+            value = float(t[:-2])
+        else:
+            fraction = float(t)
+            if not 0 < fraction <= 1:
+                raise ValueError
+            value = fraction * dense_ms
+    except ValueError:
+        raise ConfigError(f"latency budget {text!r}: expected milliseconds such as 2.5ms or a fraction "
+                          "of the dense latency in (0, 1] such as 0.5") from None
+    if value <= 0:
+        raise ConfigError(f"latency budget {text!r} must be > 0")
+    return value
+
+
+def latency_report(dense: nn.Module, exported: nn.Module, input_size: Sequence[int], *,
+                   batches: Sequence[int] = (1, 32), repeats: int = 10) -> dict[str, Any]:
+    """Measured latency of the dense and the exported model, side by side, each in its fastest layout."""
+    out: dict[str, Any] = {"device": device_name(next(exported.parameters()).device),
+                           "threads": torch.get_num_threads(), "torch": torch.__version__}
+    for batch in batches:
+        d = measure_ms(dense, input_size, batch=batch, layouts=("nchw", "channels_last"), repeats=repeats)
+        e = measure_ms(exported, input_size, batch=batch, layouts=("nchw", "channels_last"), repeats=repeats)
+        out[f"batch_{batch}"] = {"dense_ms": min(d.values()), "dense_layout": min(d, key=d.get),
+                                 "exported_ms": min(e.values()), "exported_layout": min(e, key=e.get),
+                                 "speedup": min(d.values()) / min(e.values())}
+    return out
+
+
+@dataclass
+class LatencyTable:
+    """Measured latency (ms) of layers at candidate group counts, with where it was measured."""
+
+    meta: dict[str, Any]
+    rows: list[dict[str, Any]] = field(default_factory=list)
+
+    def lookup(self, layer: str, groups: int, form: str | None = None) -> float:
+        """The table's latency of ``layer`` at ``groups`` (the faster form unless ``form`` is given)."""
+        hits = [r["ms"] for r in self.rows if r["layer"] == layer and r["groups"] == groups
+                and (form is None or r["form"] == form)]
+        if not hits:
+            raise ConfigError(f"latency table has no row for layer {layer!r} at groups={groups}"
+                              + (f", form {form}" if form else "") + "; profile this model again")
+        return min(hits)
+
+    def save(self, path: str | Path) -> Path:
+        """Write ``path`` (JSON with meta and rows) and a CSV of the rows beside it."""
+        import pandas as pd
+
+        path = Path(path)
+        text = json.dumps({"meta": self.meta, "rows": self.rows}, indent=1)
+        atomic_write(path, lambda f: f.write(text.encode()))
+        pd.DataFrame(self.rows).to_csv(path.with_suffix(".csv"), index=False)
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path, *, device: torch.device | str = "cpu") -> "LatencyTable":
+        """Read a table; warn when it was measured on another device, torch version or thread count."""
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"no latency table at {path.resolve()}; make one with `nas-grouping profile`")
+        try:
+            data = json.loads(path.read_text())
+            table = cls(meta=data["meta"], rows=data["rows"])
+        except (ValueError, KeyError, TypeError) as exc:
+            raise ConfigError(f"{path} is not a latency table written by nas-grouping: {exc}") from exc
+        here = {"device": device_name(device), "torch": torch.__version__, "threads": torch.get_num_threads()}
+        differs = {k: (table.meta.get(k), v) for k, v in here.items() if table.meta.get(k) != v}
+        if differs:
+            detail = ", ".join(f"{k}: table {a!r}, here {b!r}" for k, (a, b) in differs.items())
+            warnings.warn(f"latency table {path} was measured elsewhere ({detail}); its numbers may not hold "
+                          "here: profile again on this machine", LatencyDeviceWarning, stacklevel=2)
+        return table
+
+
+def profile_layers(model: nn.Module, input_size: Sequence[int], *, batch: int = 1, repeats: int = 10,
+                   warmup: int = 3, layout: str | None = None) -> LatencyTable:
+    """Latency of every DGConv2d layer of ``model`` at every group count it can take, in both exact forms.
+
+    Each candidate is the exported layer for the group count with its gates off on the
+    low channel bits (so the grouped form pays both channel gathers: the general case).
+    ``layout`` defaults to the faster one for the dense model.
+    """
+    size = check_input_size(input_size)
+    model = copy.deepcopy(model).eval()
+    if layout is None:
+        whole = measure_ms(model, size, batch=batch, layouts=("nchw", "channels_last"), repeats=repeats,
+                           warmup=warmup)
+        layout = min(whole, key=whole.get)
+    _set_layout(model, layout)
+    layers = dgconv_layers(model)
+    if not layers:
+        raise ConfigError("profile_layers: the model has no DGConv2d layer to profile")
+    inputs = _layer_inputs(model, [n for n, _ in layers], size, batch, layout)
+    from .export import export_layer
+
+    rows = []
+    for name, layer in layers:
+        x = inputs[name]
+        probe = copy.deepcopy(layer)
+        for off in range(layer.num_gates + 1):
+            probe.set_gates([1] * (layer.num_gates - off) + [0] * off)
+            exported = export_layer(probe).eval()
+            candidate = exported if isinstance(exported, PermutedGroupConv2d) else \
+                PermutedGroupConv2d.from_conv(exported)
+            _set_layout(candidate, layout)
+            fns = {}
+            for form in ("grouped", "dense"):
+                c = copy.deepcopy(candidate)
+                c.form = form
+                fns[form] = (lambda c=c: c(x))
+            with torch.inference_mode():
+                t = median_ms(fns, warmup=warmup, repeats=repeats)
+            for form, ms in t.items():
+                rows.append({"layer": name, "in_channels": layer.in_channels, "out_channels": layer.out_channels,
+                             "kernel": "x".join(map(str, layer.kernel_size)), "stride": layer.stride[0],
+                             "input_hw": "x".join(map(str, x.shape[2:])), "groups": 2**off, "form": form, "ms": ms})
+    dense = copy.deepcopy(model)
+    for _, layer in dgconv_layers(dense):
+        layer.set_groups(1)
+    model_ms = measure_ms(export_model(dense), size, batch=batch, layouts=(layout,), repeats=repeats,
+                          warmup=warmup)[layout]
+    meta = {"device": device_name(next(model.parameters()).device), "torch": torch.__version__,
+            "threads": torch.get_num_threads(), "batch": batch, "input_size": list(size), "layout": layout,
+            "repeats": repeats, "warmup": warmup, "statistic": "median", "model_ms": model_ms}
+    return LatencyTable(meta=meta, rows=rows)
+
+
+class LatencyCost:
+    """Predicted latency (ms) of a model with DGConv2d layers, from a measured table, differentiable in the gates.
+
+    Each layer's latency is the table's (faster form) value at its group count
+    G = 2^n, n = number of gates off; between integers it is interpolated
+    linearly in n = sum(1 - g), so a gate's gradient is the latency that turning one
+    more gate off saves. The part of the model that is not searched costs
+    ``base_ms`` = the table's whole dense model minus its dense searchable layers.
+    """
+
+    def __init__(self, model: nn.Module, table: LatencyTable) -> None:
+        self.layers: list[tuple[str, DGConv2d, Tensor]] = []
+        for name, layer in dgconv_layers(model):
+            values = [table.lookup(name, 2**n) for n in range(layer.num_gates + 1)]
+            self.layers.append((name, layer, torch.tensor(values, dtype=torch.float64)))
+        if "model_ms" not in table.meta:
+            raise ConfigError("the latency table has no whole-model time (model_ms); profile the model again")
+        self.base_ms = max(0.0, float(table.meta["model_ms"]) - sum(float(v[0]) for _, _, v in self.layers))
+        self.batch = int(table.meta.get("batch", 1))
+
+    @staticmethod
+    def _at(values: Tensor, n_off: Tensor) -> Tensor:
+        k = values.numel() - 1
+        n = int(min(max(float(n_off.detach()), 0.0), k - 1)) if k > 0 else 0
+        values = values.to(n_off.dtype)
+        if k == 0:
+            return values[0] + 0 * n_off
+        return values[n] + (n_off - n) * (values[n + 1] - values[n])
+
+    def expected_ms(self) -> Tensor:
+        terms = [self._at(v, (1 - layer.gates()).sum()) for _, layer, v in self.layers]
+        return self.base_ms + torch.stack(terms).sum() if terms else torch.tensor(self.base_ms)
+
+    def current_ms(self) -> float:
+        return self.base_ms + sum(float(v[layer.learned_groups.bit_length() - 1]) for _, layer, v in self.layers)
+
+    @property
+    def dense_ms(self) -> float:
+        return self.base_ms + sum(float(v[0]) for _, _, v in self.layers)
+
+    @property
+    def minimum_ms(self) -> float:
+        return self.base_ms + sum(float(v.min()) for _, _, v in self.layers)
+
+    def check_budget(self, budget_ms: float) -> None:
+        if budget_ms < self.minimum_ms:
+            raise BudgetError(
+                f"a latency budget of {budget_ms:.3f} ms cannot be met: the fastest group count of every "
+                f"layer still gives {self.minimum_ms:.3f} ms (dense {self.dense_ms:.3f} ms, of which "
+                f"{self.base_ms:.3f} ms in layers that are not searched), at batch {self.batch}"
+            )
