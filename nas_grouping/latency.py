@@ -74,15 +74,25 @@ def measure_ms(model: nn.Module, input_size: Sequence[int], *, batch: int = 1, l
         return median_ms(fns, warmup=warmup, repeats=repeats)
 
 
+def _with_forms(layer: nn.Module) -> tuple[nn.Module, tuple[str, ...]] | None:
+    """The layer (wrapped if needed) and its exact forms, for layers whose form can be chosen."""
+    from .ops.diverse_group import FORMS as DIVERSE_FORMS, DiverseGroupConv2d, DiverseGroupLinear
+    from .ops.group_conv import FORMS as GROUP_FORMS
+
+    if isinstance(layer, PermutedGroupConv2d):
+        return layer, GROUP_FORMS
+    if type(layer) is nn.Conv2d and layer.groups > 1:
+        return PermutedGroupConv2d.from_conv(layer), GROUP_FORMS
+    if isinstance(layer, (DiverseGroupConv2d, DiverseGroupLinear)):
+        return layer, DIVERSE_FORMS
+    return None
+
+
 def _exported_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """Layers whose form can be chosen: the exported group convs recorded for saving."""
+    """Layers whose form can be chosen: the exported layers recorded for saving."""
     records = getattr(model, LAYERS_ATTR, None) or {}
-    out = []
-    for name in records:
-        layer = model.get_submodule(name)
-        if isinstance(layer, PermutedGroupConv2d) or (type(layer) is nn.Conv2d and layer.groups > 1):
-            out.append((name, layer))
-    return out
+    return [(name, model.get_submodule(name)) for name in records
+            if _with_forms(model.get_submodule(name)) is not None]
 
 
 def _layer_inputs(model: nn.Module, names: list[str], input_size: Sequence[int], batch: int,
@@ -101,8 +111,9 @@ def _layer_inputs(model: nn.Module, names: list[str], input_size: Sequence[int],
 
 def choose_fastest_forms(model: nn.Module, input_size: Sequence[int], *, batch: int = 1, repeats: int = 20,
                          warmup: int = 3, inplace: bool = False) -> tuple[nn.Module, dict[str, Any]]:
-    """Pick, on this machine, the faster memory layout for the whole model and the faster exact
-    form (grouped or dense-on-block-weight) of every exported group conv.
+    """Pick, on this machine, the faster memory layout for the whole model and the fastest exact
+    form of every exported layer (group convs: grouped or dense-on-block-weight; diverse-group
+    layers: grouped, per_group or dense).
 
     Returns the model (forms set, layout applied, recorded for ``save_model``) and a report with
     every timing. Outputs are unchanged up to float rounding: every form is exact.
@@ -122,23 +133,21 @@ def choose_fastest_forms(model: nn.Module, input_size: Sequence[int], *, batch: 
     for name, layer in layers:
         if name not in inputs:
             continue
-        candidate = layer if isinstance(layer, PermutedGroupConv2d) else PermutedGroupConv2d.from_conv(layer)
+        candidate, forms = _with_forms(layer)
         x = inputs[name]
-        grouped = copy.deepcopy(candidate)
-        grouped.form = "grouped"
-        dense = copy.deepcopy(candidate)
-        dense.form = "dense"
+        copies = {}
+        for form in forms:
+            copies[form] = copy.deepcopy(candidate)
+            copies[form].form = form
         with torch.inference_mode():
-            t = median_ms({"grouped": lambda: grouped(x), "dense": lambda: dense(x)}, warmup=warmup, repeats=repeats)
+            t = median_ms({f: (lambda m=m: m(x)) for f, m in copies.items()}, warmup=warmup, repeats=repeats)
         best = min(t, key=t.get)
-        report["layers"][name] = {"grouped_ms": t["grouped"], "dense_ms": t["dense"], "form": best,
-                                  "groups": candidate.groups}
-        if best == "dense" or isinstance(layer, PermutedGroupConv2d):
+        report["layers"][name] = {**{f"{f}_ms": ms for f, ms in t.items()}, "form": best,
+                                  "groups": getattr(candidate, "groups", None) if not isinstance(
+                                      getattr(candidate, "groups", None), tuple) else len(candidate.groups)}
+        if candidate is layer or best != "grouped" or not isinstance(candidate, PermutedGroupConv2d):
             candidate.form = best
-            if candidate is not layer:
-                replace_layer(target, name, candidate)
-            else:
-                replace_layer(target, name, layer)  # re-record the chosen form
+            replace_layer(target, name, candidate)  # (re-)record the chosen form
     setattr(target, LAYOUT_ATTR, layout)
     return target, report
 

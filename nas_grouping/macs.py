@@ -137,7 +137,8 @@ def layer_macs(model: nn.Module, input_size: Sequence[int]) -> list[LayerMacs]:
         if name not in records:
             continue  # defined but not used in forward
         mod, inp, out = records[name]
-        out_size = tuple(out.shape[2:])
+        # conv-like layers get their spatial output size; linear-like ones the positions they are applied at
+        out_size = tuple(out.shape[1:-1]) if hasattr(mod, "in_features") else tuple(out.shape[2:])
         own = getattr(mod, "macs", None)
         macs = int(own(out_size)) if callable(own) else _standard_macs(mod, inp, out)
         in_c, out_c, kernel, groups = _describe(mod)

@@ -14,7 +14,6 @@ gates are DDP parameters, the regularizer is computed from them on every rank
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,7 +30,7 @@ from .convert import arch_parameters, dgconv_layers, weight_parameters
 from .data import load_datasets, split_dataset
 from .errors import BudgetError, ConfigError
 from .export import export_model, save_model
-from .macs import count_macs, count_parameters, layer_macs
+from .macs import count_macs, count_parameters
 from .runtime import Runtime, setup_runtime, unwrap
 from .training import epoch_loader, evaluate, load_checkpoint, save_checkpoint, seed_everything, train_epoch
 

@@ -16,7 +16,7 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
 
-from nas_grouping import DGConv2d, arch_parameters
+from nas_grouping import DGConv2d
 from nas_grouping.budget import AdditiveRegularizer, ModelCost
 
 ROOT = Path(__file__).resolve().parents[1]

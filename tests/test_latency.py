@@ -201,3 +201,35 @@ def test_latency_cost_is_exact_at_binary_gates_and_its_gradient_is_the_saving():
     e.backward()
     _, first = dgconv_layers(model)[0]
     assert torch.allclose(first.gate_latent.grad, torch.ones_like(first.gate_latent))  # one step saves 1 ms
+
+
+def test_fastest_forms_cover_diverse_group_layers_and_linear_macs_count_positions(tmp_path):
+    from nas_grouping.ops.diverse_group import FORMS, DiverseGroupConv2d, DiverseGroupLinear
+    from nas_grouping.export import replace_layer
+    from nas_grouping.macs import count_macs
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 12, 3, padding=1),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(12, 10))
+    model.nas_grouping_recipe = {"kwargs": {}}
+    replace_layer(model, "2", DiverseGroupConv2d.from_masked(
+        model[2], torch.tensor([[i in (0, 1, 2) for i in range(8)]] * 6 + [[i in (4, 7) for i in range(8)]] * 6),
+        [list(range(6)), list(range(6, 12))]))
+    replace_layer(model, "5", DiverseGroupLinear.from_masked(
+        model[5], torch.tensor([[i < 6 for i in range(12)]] * 5 + [[i >= 6 for i in range(12)]] * 5),
+        [list(range(5)), list(range(5, 10))]))
+    model.eval()
+    x = torch.randn(3, 1, 8, 8)
+    with torch.no_grad():
+        ref = model(x)
+    fast, report = choose_fastest_forms(model, (1, 8, 8), batch=2, repeats=2, warmup=1)
+    assert set(report["layers"]) == {"2", "5"}
+    assert all(row["form"] in FORMS for row in report["layers"].values())
+    with torch.no_grad():
+        assert torch.allclose(fast(x), ref, atol=1e-5)
+    # a linear layer applied at several positions counts them all (out.shape[1:-1])
+    seq = nn.Sequential(DiverseGroupLinear.from_masked(
+        nn.Linear(12, 10), torch.tensor([[i < 6 for i in range(12)]] * 5 + [[i >= 6 for i in range(12)]] * 5),
+        [list(range(5)), list(range(5, 10))]))
+    assert count_macs(seq, (7, 12)) == 7 * (5 * 6 + 5 * 6)
+    assert count_macs(nn.Sequential(nn.Linear(12, 10)), (7, 12)) == 7 * 120

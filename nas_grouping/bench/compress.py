@@ -30,8 +30,8 @@ from torch import Tensor, nn
 
 from ..errors import ConfigError
 from ..macs import count_macs
-from ..ops.diverse_group import FORMS, DiverseGroupConv2d, DiverseGroupLinear
-from .timing import machine_info, median_ms
+from ..ops.diverse_group import DiverseGroupConv2d, DiverseGroupLinear
+from .timing import machine_info
 
 __all__ = ["VARIANTS", "bench_latency", "bench_accuracy", "format_latency", "masked_reference",
            "pin_fastest_forms"]
@@ -112,38 +112,12 @@ def bench_latency(*, network: str = "resnet20", width: int = 4, fractions: Seque
 
 def pin_fastest_forms(model: nn.Module, input_size: Sequence[int], batch: int, *, repeats: int = 10,
                       warmup: int = 2) -> dict[str, str]:
-    """Time every exact form of each diverse group layer on its own input at ``batch``; pin the fastest.
+    """Time every exact form of each exported layer on its own input at ``batch``; pin the fastest
+    (``latency.choose_fastest_forms``, in place). Returns {layer: form}."""
+    from ..latency import choose_fastest_forms
 
-    A stand-in for what ``latency.choose_fastest_forms`` does for exported group convs: the
-    layers' default ``form="auto"`` rule is a fixed table, this measures on this machine.
-    Returns {layer: form}; ``model`` is changed in place (forms are recorded for saving).
-    """
-    from ..export import replace_layer
-
-    layers = [(n, m) for n, m in model.named_modules() if isinstance(m, (DiverseGroupConv2d, DiverseGroupLinear))]
-    inputs: dict[str, Tensor] = {}
-    handles = [m.register_forward_hook(lambda mod, args, out, n=n: inputs.__setitem__(n, args[0].detach()))
-               for n, m in layers]
-    try:
-        with torch.inference_mode():
-            model.eval()(torch.randn(batch, *input_size))
-    finally:
-        for h in handles:
-            h.remove()
-    chosen = {}
-    with torch.inference_mode():
-        for name, layer in layers:
-            x = inputs[name]
-            forms = {}
-            for form in FORMS:
-                forms[form] = copy.deepcopy(layer)
-                forms[form].form = form
-            ms = median_ms({f: (lambda m=m: m(x)) for f, m in forms.items()}, warmup=warmup, repeats=repeats)
-            chosen[name] = min(ms, key=ms.get)
-            layer.form = chosen[name]
-            replace_layer(model, name, layer)
-    return chosen
-
+    _, report = choose_fastest_forms(model, input_size, batch=batch, repeats=repeats, warmup=warmup, inplace=True)
+    return {name: row["form"] for name, row in report["layers"].items()}
 
 def _bench_latency(network: str, width: int, fractions: Sequence[float], batch_sizes: Sequence[int],
                    variants: Sequence[str] | None, pinned: Sequence[str], repeats: int, warmup: int,
