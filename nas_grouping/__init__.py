@@ -14,8 +14,11 @@ from .self_grouping import SelfGrouping, self_group
 
 __version__ = "0.1.0"
 
-_LAZY = {"SelfGroupingConfig": "config", "CompressConfig": "config",
-         "TuneConfig": "config", "TuneResult": "tune"}  # the function: nas_grouping.tune.tune  # config imports the data loaders (torchvision)
+# Loaded on first use: config imports the data loaders (torchvision), tune imports Optuna. The job
+# functions stay in their modules (nas_grouping.search.search, .compress.compress, .tune.tune): a
+# package attribute of the same name as a submodule is replaced when the submodule is imported.
+_LAZY = {"SearchConfig": "config", "SelfGroupingConfig": "config", "CompressConfig": "config",
+         "TuneConfig": "config", "TuneResult": "tune"}
 
 
 def __getattr__(name: str):
@@ -30,7 +33,7 @@ __all__ = [
     "convert_to_dgconv", "conversion_plan", "dgconv_layers", "arch_parameters", "weight_parameters",
     "count_macs", "count_parameters", "layer_macs",
     "export_model", "save_model", "load_model",
-    "SelfGrouping", "self_group", "SelfGroupingConfig", "CompressConfig",
+    "SearchConfig", "SelfGrouping", "self_group", "SelfGroupingConfig", "CompressConfig",
     "TuneConfig", "TuneResult",
     "NasGroupingError", "ConfigError", "BudgetError", "DataError", "ExportError", "MissingDependencyError",
 ]
