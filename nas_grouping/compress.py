@@ -27,7 +27,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .bench.timing import sample_ms
-from .config import CompressConfig, config_to_dict
+from .config import CompressConfig, check_same_settings, config_to_dict
 from .data import load_datasets
 from .errors import ConfigError, ExportError
 from .export import RECIPE_ATTR, load_model, save_model
@@ -229,12 +229,7 @@ def _check_resume(out: Path, cfg: CompressConfig) -> None:
     for values in (saved, now):
         if isinstance(values.get("grouping"), dict):
             values["grouping"] = {k: v for k, v in values["grouping"].items() if k != "progress"}
-    diffs = [k for k in now if k not in RESUMABLE_CHANGES and saved.get(k) != now[k]]
-    if diffs:
-        detail = "; ".join(f"{k}: run has {saved.get(k)!r}, now {now[k]!r}" for k in diffs)
-        raise ConfigError(f"--resume with other settings than the run in {out}: {detail}. Resume with the same "
-                          "settings, or choose another --out.")
-
+    check_same_settings(saved, now, allowed=RESUMABLE_CHANGES, where=out)
 
 def compress(cfg: CompressConfig, *, resume: bool = False) -> CompressResult:
     """Self-group the model of ``cfg`` on its data set, fine-tune, and write the run folder ``cfg.out``.
