@@ -102,15 +102,20 @@ def _maybe_json(text: str) -> Any:
     return text
 
 
-def parse_clusters(value: Any) -> int | str | dict[str, int | str]:
-    """Validate a cluster setting: an int, a rule, or a {pattern: int or rule} mapping (JSON text too)."""
+def _per_pattern(value: Any, check: Callable[[Any, str], Any], name: str, example: str) -> Any:
+    """One value or a {pattern: value} mapping (JSON text too), each entry validated by ``check``."""
     if isinstance(value, str):
         value = _maybe_json(value)
     if isinstance(value, Mapping):
         if not value:
-            raise ConfigError("clusters: the mapping is empty; give at least one pattern, e.g. {'*': 16}")
-        return {str(k): _check_count(v, f"clusters[{k!r}]") for k, v in value.items()}
-    return _check_count(value, "clusters")
+            raise ConfigError(f"{name}: the mapping is empty; give at least one pattern, e.g. {example}")
+        return {str(k): check(v, f"{name}[{k!r}]") for k, v in value.items()}
+    return check(value, name)
+
+
+def parse_clusters(value: Any) -> int | str | dict[str, int | str]:
+    """Validate a cluster setting: an int, a rule, or a {pattern: int or rule} mapping (JSON text too)."""
+    return _per_pattern(value, _check_count, "clusters", "{'*': 16}")
 
 
 def _check_fraction(value: Any, where: str) -> float:
@@ -128,13 +133,7 @@ def parse_fraction(value: Any) -> float | dict[str, float] | None:
     """Validate a pruned-fraction setting: None, a number in [0, 1], or a {pattern: number} mapping."""
     if value is None:
         return None
-    if isinstance(value, str):
-        value = _maybe_json(value)
-    if isinstance(value, Mapping):
-        if not value:
-            raise ConfigError("fraction: the mapping is empty; give at least one pattern, e.g. {'*': 0.5}")
-        return {str(k): _check_fraction(v, f"fraction[{k!r}]") for k, v in value.items()}
-    return _check_fraction(value, "fraction")
+    return _per_pattern(value, _check_fraction, "fraction", "{'*': 0.5}")
 
 
 def parse_patterns(value: Any) -> list[str]:

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from helpers import randomize_bn
 from nas_grouping import (
     DGConv2d, arch_parameters, conversion_plan, convert_to_dgconv, dgconv_layers, weight_parameters,
 )
@@ -49,20 +50,6 @@ class HandNet(nn.Module):
         x = self.g3(self.odd(x))
         x = self.head(self.sub(self.nopow(x)))
         return self.fc(x.mean((2, 3)))
-
-
-def randomize_bn(model: nn.Module, seed: int = 0) -> nn.Module:
-    """Random BN statistics and affine terms, so that eval outputs are well scaled and informative."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                n = m.num_features
-                m.running_mean.copy_(torch.randn(n, generator=gen) * 0.1)
-                m.running_var.copy_(torch.rand(n, generator=gen) + 0.5)
-                m.weight.copy_(torch.rand(n, generator=gen) + 0.5)
-                m.bias.copy_(torch.randn(n, generator=gen) * 0.1)
-    return model
 
 
 def assert_close_rel(a: torch.Tensor, b: torch.Tensor, rel: float = 1e-5) -> None:

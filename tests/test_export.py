@@ -17,6 +17,7 @@ from nas_grouping import (
 )
 from nas_grouping.export import export_layer, group_permutation, read_architecture
 from nas_grouping.macs import flop_counter_macs
+from helpers import randomize_bn
 
 pytestmark = pytest.mark.usefixtures("single_thread", "seeded")
 
@@ -32,19 +33,6 @@ def set_random_gates(model: nn.Module, seed: int) -> None:
     gen = torch.Generator().manual_seed(seed)
     for _, layer in dgconv_layers(model):
         layer.set_gates(torch.randint(0, 2, (layer.num_gates,), generator=gen))
-
-
-def randomize_bn(model: nn.Module, seed: int = 0) -> nn.Module:
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                n = m.num_features
-                m.running_mean.copy_(torch.randn(n, generator=gen) * 0.1)
-                m.running_var.copy_(torch.rand(n, generator=gen) + 0.5)
-                m.weight.copy_(torch.rand(n, generator=gen) + 0.5)
-                m.bias.copy_(torch.randn(n, generator=gen) * 0.1)
-    return model
 
 
 class SmallNet(nn.Module):
