@@ -8,12 +8,13 @@ Errors of ours print as one clear line, not a stack trace.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import warnings
 from typing import Callable, Sequence
 
-from .config import SearchConfig, add_config_arguments, config_from_args, read_config_file
-from .errors import NasGroupingError
+from .config import SearchConfig, SelfGroupingConfig, add_config_arguments, config_from_args, read_config_file
+from .errors import ConfigError, NasGroupingError
 
 __all__ = ["main", "build_parser"]
 
@@ -98,16 +99,34 @@ def _cmd_profile(args: argparse.Namespace) -> int:
 
     from search_spaces import default_input_size, get_space
 
-    from .latency import profile_layers
-
     kwargs = json.loads(args.space_kwargs) if args.space_kwargs else {}
-    model = get_space(args.space, **kwargs)
+    if args.model:
+        from .export import load_model
+
+        model, name = load_model(args.model), args.model
+        if args.input_size is None:
+            raise ConfigError("--model needs --input-size C H W (the size the model was trained at)")
+    else:
+        model, name = get_space(args.space, dense=args.pass_ == "self-grouping", **kwargs), args.space
     size = tuple(args.input_size) if args.input_size else default_input_size(args.space)
-    table = profile_layers(model, size, batch=args.batch, repeats=args.repeats)
+    if args.pass_ == "self-grouping":
+        from ._self_grouping_latency import DEFAULT_FRACTIONS, profile_self_grouping
+        from .config import SelfGroupingConfig
+
+        grouping = SelfGroupingConfig(clusters=args.clusters, cluster_sizes=args.cluster_sizes,
+                                      threshold=args.threshold, exclude=args.exclude or [])
+        fractions = [float(f) for f in args.fractions.split(",")] if args.fractions else DEFAULT_FRACTIONS
+        table = profile_self_grouping(model, size, grouping, batch=args.batch, fractions=fractions,
+                                      repeats=args.repeats)
+    else:
+        from .latency import profile_layers
+
+        table = profile_layers(model, size, batch=args.batch, repeats=args.repeats)
     path = table.save(args.out)
     meta = table.meta
-    print(f"profiled {len({r['layer'] for r in table.rows})} layers of {args.space} at batch {args.batch}, input "
-          f"{size}, layout {meta['layout']} on {meta['device']} ({meta['threads']} threads, torch {meta['torch']})")
+    print(f"profiled {len({r['layer'] for r in table.rows})} layers of {name} for the {args.pass_} at batch "
+          f"{args.batch}, input {size}, layout {meta['layout']} on {meta['device']} ({meta['threads']} threads, "
+          f"torch {meta['torch']}); whole model {meta['model_ms']:.3f} ms")
     print(f"wrote {path} and {path.with_suffix('.csv')}")
     return 0
 
@@ -190,6 +209,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", type=int, default=1, help="batch size to measure at")
     p.add_argument("--repeats", type=int, default=10, help="timed repetitions per candidate (median kept)")
     p.add_argument("--out", default="latency_table.json", help="table path (.json; a .csv is written beside it)")
+    p.add_argument("--pass", dest="pass_", choices=("search", "self-grouping"), default="search",
+                   help="search: every DGConv layer at every group count (search --latency-budget); self-grouping: "
+                        "every prunable layer at pruned fractions (compress --latency-budget)")
+    p.add_argument("--model", default=None, help="self-grouping: a saved model folder instead of --space")
+    p.add_argument("--fractions", default=None, help="self-grouping: pruned fractions to profile, comma-separated "
+                   "(default 0.25,0.5,0.625,0.75,0.875,0.9375; each layer's cap is added)")
+    for flag in ("clusters", "cluster_sizes", "threshold", "exclude"):
+        f = SelfGroupingConfig.__dataclass_fields__[flag]
+        p.add_argument("--" + flag.replace("_", "-"), default=f.default if f.default is not dataclasses.MISSING
+                       else f.default_factory(), help="self-grouping: " + f.metadata["help"])
     p.set_defaults(func=_cmd_profile)
 
     p = sub.add_parser("report", help="print the summary and per-layer table of a run folder (or the trial table "

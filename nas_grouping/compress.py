@@ -30,10 +30,12 @@ from .bench.timing import sample_ms
 from .config import CompressConfig, check_same_settings, config_to_dict
 from .data import load_datasets
 from .errors import ConfigError, ExportError
+from ._self_grouping_latency import profile_self_grouping
 from .export import RECIPE_ATTR, load_model, save_model
+from .latency import LatencyTable, choose_fastest_forms, measure_ms
 from .macs import count_macs, count_parameters, layer_macs
 from .report import read_json, write_json
-from .runtime import setup_runtime
+from .runtime import Runtime, setup_runtime
 from .self_grouping import GroupingPlan, LayerOutcome, SelfGrouping
 
 __all__ = ["compress", "CompressResult", "load_source_model", "measure_latency", "layer_table", "format_summary"]
@@ -209,6 +211,11 @@ def format_summary(s: dict[str, Any]) -> str:
         f"parameters {s['params_before']:,} -> {s['params_after']:,}; {len(s['pruned_layers'])} layers pruned, "
         f"{len(s['skipped_layers'])} skipped",
     ]
+    if s.get("latency_budget_ms") is not None:
+        lines.append(f"latency budget {s['latency_budget_ms']:.3f} ms at batch {s['latency_batch']}: predicted "
+                     f"{s['latency_predicted_ms']:.3f} ms, measured {s['latency_measured_ms']:.3f} ms (prediction "
+                     f"error {s['latency_prediction_error']:+.0%}): "
+                     + ("met" if s["latency_budget_met_measured"] else "NOT met as measured"))
     for row in s.get("speedup", []):
         lines.append(f"CPU latency at batch {row['batch']}: {row['input_ms']:.3f} ms ({row['input_layout']}) -> "
                      f"{row['compressed_ms']:.3f} ms ({row['compressed_layout']}), speed-up {row['speedup']:.2f}x")
@@ -231,6 +238,42 @@ def _check_resume(out: Path, cfg: CompressConfig) -> None:
             values["grouping"] = {k: v for k, v in values["grouping"].items() if k != "progress"}
     check_same_settings(saved, now, allowed=RESUMABLE_CHANGES, where=out)
 
+def _latency_table(cfg: CompressConfig, model: nn.Module, input_size: Sequence[int], rt: Runtime, out: Path,
+                   resume: bool) -> "LatencyTable | None":
+    """The self-grouping latency table of a latency budget: the run's own on resume (so the plan is the same),
+    else the configured file, else profiled now by the main process and shared through the run folder."""
+    grouping = cfg.grouping
+    if grouping.latency_budget is None:
+        return None
+    saved = out / "latency_table.json"
+    if resume and saved.is_file():
+        return LatencyTable.load(saved)
+    if grouping.latency_table:
+        return LatencyTable.load(grouping.latency_table)
+    if rt.is_main:
+        tqdm.write(f"[nas-grouping] profiling each prunable layer's latency at batch {grouping.latency_batch} on "
+                   "this machine ...")
+        out.mkdir(parents=True, exist_ok=True)
+        profile_self_grouping(model, input_size, grouping, batch=grouping.latency_batch).save(saved)
+    rt.barrier()
+    return LatencyTable.load(saved)
+
+
+def _latency_summary(plan: GroupingPlan, compressed: nn.Module, input_size: Sequence[int],
+                     cfg: CompressConfig) -> dict[str, Any]:
+    """The plan's predicted latency beside the compressed model's measured one (latency budgets)."""
+    if plan.latency is None or not cfg.latency_batches:
+        return {}
+    lat = plan.latency
+    measured = min(measure_ms(compressed, input_size, batch=lat["batch"], layouts=("nchw", "channels_last"),
+                              repeats=cfg.latency_repeats).values())
+    return {"latency_budget_ms": lat["budget_ms"], "latency_predicted_ms": lat["predicted_ms"],
+            "latency_measured_ms": measured, "latency_prediction_error": (lat["predicted_ms"] - measured) / measured,
+            "latency_input_ms_table": lat["input_ms"], "latency_batch": lat["batch"],
+            "latency_budget_met_predicted": lat["predicted_ms"] <= lat["budget_ms"],
+            "latency_budget_met_measured": measured <= lat["budget_ms"]}
+
+
 def compress(cfg: CompressConfig, *, resume: bool = False) -> CompressResult:
     """Self-group the model of ``cfg`` on its data set, fine-tune, and write the run folder ``cfg.out``.
 
@@ -248,23 +291,30 @@ def compress(cfg: CompressConfig, *, resume: bool = False) -> CompressResult:
     original, info = load_source_model(cfg, num_classes=ds.num_classes, in_channels=ds.in_channels)
     _check_outputs(original, input_size, ds.num_classes)
     sg = SelfGrouping(cfg.grouping)
-    plan = sg.plan(original, input_size)
     if resume:
         if not (out / "checkpoint.pt").is_file():
             raise ConfigError(f"no checkpoint in {out.resolve()}: nothing to resume; run without --resume")
         _check_resume(out, cfg)
     elif (out / "checkpoint.pt").exists():
         raise ConfigError(f"{out} already holds a run; pass --resume to continue it, or choose another --out")
+    table = _latency_table(cfg, original, input_size, rt, out, resume)
+    plan = sg.plan(original, input_size, latency_table=table)
     if rt.is_main:
         out.mkdir(parents=True, exist_ok=True)
         write_json(out / "config.json", config_to_dict(cfg))
         tqdm.write(f"[nas-grouping] compress {info['source']} on {ds.name}: {plan.macs:,} MACs/sample, "
                    + (f"budget {plan.budget_macs:,} (global fraction {plan.global_fraction:.3f})"
-                      if plan.budget_macs is not None else f"fraction {cfg.grouping.target_fraction}")
+                      if plan.budget_macs is not None else
+                      "fractions per layer" if plan.latency else f"fraction {cfg.grouping.target_fraction}")
+                   + (f", latency budget {plan.latency['budget_ms']:.3f} ms at batch {plan.latency['batch']} "
+                      f"(predicted {plan.latency['predicted_ms']:.3f} ms)" if plan.latency else "")
                    + f", {len(plan.prunable)} layers to prune, {len(plan.skipped)} skipped, device {rt.device}")
     result = sg.run(original, ds, batch_size=cfg.data.batch_size, rt=rt, out=out, resume=resume, plan=plan)
     compressed = result.model
     compressed_cpu = copy.deepcopy(compressed).cpu().eval()
+    forms = None
+    if cfg.latency_batches and rt.is_main:
+        compressed_cpu, forms = choose_fastest_forms(compressed_cpu, input_size, batch=cfg.grouping.latency_batch)
     macs_before, macs_after = count_macs(original, input_size), count_macs(compressed_cpu, input_size)
     layers = layer_table(plan, result.outcomes, original, compressed_cpu, input_size)
     latency = measure_latency({"input": original, "compressed": compressed_cpu}, input_size, cfg.latency_batches,
@@ -290,6 +340,9 @@ def compress(cfg: CompressConfig, *, resume: bool = False) -> CompressResult:
         "clusters": cfg.grouping.clusters, "cluster_sizes": cfg.grouping.cluster_sizes,
         "threshold": cfg.grouping.threshold,
         "latency": latency, "speedup": speedup, "threads": torch.get_num_threads(),
+        "export_choice": None if forms is None else {"batch": forms["batch"], "layout": forms["layout"], "forms": {
+            name: row["form"] for name, row in forms["layers"].items()}},
+        **_latency_summary(plan, compressed_cpu, input_size, cfg),
         "device": str(rt.device), "wall_time_s": time.perf_counter() - start,
     }
     if rt.is_main:

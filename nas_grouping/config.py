@@ -266,6 +266,12 @@ class SelfGroupingConfig:
                        "pattern matches are left alone. Default 0.5 when no budget is given")
     budget: Any = _f(None, "MAC budget instead of a fraction: a share of the input model's MACs (<= 1) or MACs per "
                      "sample (> 1, e.g. 12M); one global fraction, capped per layer, is found to meet it")
+    latency_budget: Any = _f(None, "latency budget beside (or instead of) the MAC budget: milliseconds (2.5ms) or a "
+                             "share of the input model's latency (0.5) at latency_batch, predicted from a measured "
+                             "table; fractions are raised per layer where they buy the most latency per MAC")
+    latency_batch: int = _f(1, "batch size at which the latency budget is profiled and predicted")
+    latency_table: str | None = _f(None, "self-grouping latency table from `nas-grouping profile --pass self-grouping` "
+                                   "(default: profile the model now, on this machine)")
     importance: str = _f("magnitude", "importance of a connection: magnitude (L1 of its kernel, as the paper's code) "
                          "or taylor (|sum W dL/dW| over calibration batches)", choices=("magnitude", "taylor"))
     calibration_batches: int = _f(4, "training batches that estimate the taylor importance")
@@ -308,6 +314,15 @@ class SelfGroupingConfig:
             self.budget = b.fraction if b.fraction is not None else float(b.macs)
             if self.fraction is not None:
                 raise ConfigError(f"give either fraction ({self.fraction}) or budget ({self.budget}), not both")
+        if self.latency_budget is not None:
+            from .latency import parse_latency_budget
+
+            parse_latency_budget(self.latency_budget, 1.0)  # checks the form; resolved against the measured model
+            if isinstance(self.fraction, dict):
+                raise ConfigError("a latency budget chooses the fractions per layer; give it with a budget or a "
+                                  "single fraction (the starting point), not per-layer fractions")
+        if self.latency_batch < 1:
+            raise ConfigError(f"latency_batch must be >= 1, got {self.latency_batch}")
         for name in ("max_fraction", "linear_max_fraction"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v <= 1:
@@ -336,11 +351,13 @@ class SelfGroupingConfig:
 
     @property
     def target_fraction(self) -> float | dict[str, float] | None:
-        """The pruned fraction setting in force: ``fraction``, 0.5 when neither it nor a budget is given,
-        None under a budget."""
+        """The pruned fraction setting in force: ``fraction``, else 0.5 (0 under a latency budget, which
+        raises it per layer); None under a MAC budget."""
         if self.budget is not None:
             return None
-        return 0.5 if self.fraction is None else self.fraction
+        if self.fraction is None:
+            return 0.0 if self.latency_budget is not None else 0.5
+        return self.fraction
 
 
 @dataclass

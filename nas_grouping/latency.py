@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import platform
 import warnings
 from dataclasses import dataclass, field
@@ -72,6 +73,13 @@ def measure_ms(model: nn.Module, input_size: Sequence[int], *, batch: int = 1, l
         fns[layout] = (lambda m=m, x=x: m(x))
     with torch.inference_mode():
         return median_ms(fns, warmup=warmup, repeats=repeats)
+
+
+def _input_layout(model: nn.Module, input_size: Sequence[int], batch: int, repeats: int, warmup: int) -> str:
+    """The memory layout in which the whole ``model`` runs faster at ``batch``."""
+    whole = measure_ms(model, input_size, batch=batch, layouts=("nchw", "channels_last"), repeats=repeats,
+                       warmup=warmup)
+    return min(whole, key=whole.get)
 
 
 def _with_forms(layer: nn.Module) -> tuple[nn.Module, tuple[str, ...]] | None:
@@ -201,6 +209,14 @@ class LatencyTable:
                               + (f", form {form}" if form else "") + "; profile this model again")
         return min(hits)
 
+    def curve(self, layer: str, key: str) -> list[tuple[float, float]]:
+        """(``key`` value, fastest ms over forms) of ``layer``'s rows, sorted; ``key`` is groups or fraction."""
+        best: dict[float, float] = {}
+        for r in self.rows:
+            if r["layer"] == layer and key in r:
+                best[r[key]] = min(best.get(r[key], math.inf), r["ms"])
+        return sorted(best.items())
+
     def save(self, path: str | Path) -> Path:
         """Write ``path`` (JSON with meta and rows) and a CSV of the rows beside it."""
         import pandas as pd
@@ -242,9 +258,7 @@ def profile_layers(model: nn.Module, input_size: Sequence[int], *, batch: int = 
     size = check_input_size(input_size)
     model = copy.deepcopy(model).eval()
     if layout is None:
-        whole = measure_ms(model, size, batch=batch, layouts=("nchw", "channels_last"), repeats=repeats,
-                           warmup=warmup)
-        layout = min(whole, key=whole.get)
+        layout = _input_layout(model, size, batch, repeats, warmup)
     _set_layout(model, layout)
     layers = dgconv_layers(model)
     if not layers:

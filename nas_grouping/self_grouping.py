@@ -54,6 +54,7 @@ if TYPE_CHECKING:
 
     from .config import SelfGroupingConfig
     from .data import Datasets
+    from .latency import LatencyTable
     from .runtime import Runtime
 
 __all__ = ["SelfGrouping", "self_group", "GroupingPlan", "LayerPlan", "LayerOutcome", "SelfGroupingResult",
@@ -80,6 +81,7 @@ class LayerPlan:
     clusters: int | None = None
     fraction: float | None = None  # pruned share of the existing connections, after the cap
     cap: float | None = None
+    predicted_ms: float | None = None  # the latency table's time at ``fraction`` (latency budgets)
 
     def keep_at(self, share: float = 1.0) -> int:
         """Most connections kept after pruning ``share`` of the way to ``fraction`` (progressive steps)."""
@@ -104,6 +106,7 @@ class GroupingPlan:
     macs: int
     budget_macs: int | None = None
     global_fraction: float | None = None
+    latency: dict[str, Any] | None = None  # budget, predicted, input model's ms (latency budgets)
 
     @property
     def prunable(self) -> list[LayerPlan]:
@@ -129,11 +132,17 @@ class GroupingPlan:
                  f"({self.macs_after / max(self.macs, 1):.1%})"
                  + (f", budget {self.budget_macs:,} (global fraction {self.global_fraction:.3f})"
                     if self.budget_macs is not None else "")]
+        if self.latency is not None:
+            lat = self.latency
+            lines.append(f"latency at batch {lat['batch']} ({lat['layout']}, table from {lat['device']}): input "
+                         f"{lat['input_ms']:.3f} ms -> predicted {lat['predicted_ms']:.3f} ms, budget "
+                         f"{lat['budget_ms']:.3f} ms ({lat['base_ms']:.3f} ms outside the prunable layers)")
         for lp in self.layers:
             if lp.prune:
                 lines.append(f"  {lp.name or '<model>'}: {lp.kind} {lp.in_channels}->{lp.out_channels}, "
                              f"{lp.clusters} clusters, prune {lp.fraction:.1%} of {lp.connections} connections, "
-                             f"{lp.macs:,} -> {lp.macs_after:,} MACs")
+                             f"{lp.macs:,} -> {lp.macs_after:,} MACs"
+                             + (f", {lp.predicted_ms:.3f} ms predicted" if lp.predicted_ms is not None else ""))
             else:
                 lines.append(f"  {lp.name or '<model>'}: skipped ({lp.reason})")
         return "\n".join(lines)
@@ -224,8 +233,12 @@ class SelfGrouping:
         return f"SelfGrouping({self.config!r})"
 
     # ------------------------------------------------------------------ plan
-    def plan(self, model: nn.Module, input_size: Sequence[int]) -> GroupingPlan:
+    def plan(self, model: nn.Module, input_size: Sequence[int], *, latency_table: "LatencyTable | None" = None
+             ) -> GroupingPlan:
         """What every conv/linear layer of ``model`` would get, with MACs; no clustering, no data.
+
+        With a latency budget the fractions are fitted to a latency table: ``latency_table``,
+        else the config's ``latency_table`` file, else one profiled now on this machine.
 
         Raises:
             ConfigError: no prunable layer; more clusters than filters; a forward that fails.
@@ -272,7 +285,27 @@ class SelfGrouping:
         plan = GroupingPlan(layers=layers, input_size=size, macs=total)
         if cfg.budget is not None:
             plan = self._fit_budget(plan)
+        if cfg.latency_budget is not None:
+            plan = self._fit_latency(plan, model, size, latency_table)
         return plan
+
+    def _fit_latency(self, plan: GroupingPlan, model: nn.Module, size: tuple[int, ...],
+                     table: "LatencyTable | None") -> GroupingPlan:
+        from ._self_grouping_latency import fit_latency, profile_self_grouping
+        from .latency import LatencyTable
+
+        cfg = self.config
+        if table is None and cfg.latency_table:
+            table = LatencyTable.load(cfg.latency_table)
+        if table is None:
+            table = profile_self_grouping(model, size, cfg, batch=cfg.latency_batch)
+        if int(table.meta.get("batch", 0)) != cfg.latency_batch:
+            raise ConfigError(f"the latency table was measured at batch {table.meta.get('batch')}, the budget is at "
+                              f"latency_batch={cfg.latency_batch}: profile at that batch or set latency_batch")
+        if list(table.meta.get("input_size", [])) != list(size):
+            raise ConfigError(f"the latency table was measured at input {table.meta.get('input_size')}, the model "
+                              f"runs at {list(size)}: profile again")
+        return fit_latency(plan, table, cfg.latency_budget, config=cfg)
 
     def _skip_reason(self, name: str, why: str | None, order: list[str]) -> str | None:
         pattern = next((p for p in self.config.exclude if fnmatch.fnmatchcase(name, p)), None)
