@@ -116,13 +116,20 @@ def format_summary(summary: dict[str, Any]) -> str:
                  f"({v['speedup']:.2f}x)" for k, v in lat.items() if k.startswith("batch_")]
         lines.append(f"measured latency ({lat['device']}, {lat['threads']} threads, each in its fastest layout): "
                      + "; ".join(parts))
+        if lat.get("layers_file"):
+            rest = [f"batch {k.split('_')[1]}: dense {v['dense_rest_ms']:.2f} ms, "
+                    f"exported {v['exported_rest_ms']:.2f} ms"
+                    for k, v in lat.items() if k.startswith("batch_") and "exported_rest_ms" in v]
+            lines.append(f"per-layer latency in {lat['layers_file']} (.json, .png)"
+                         + ("; outside the conv/linear layers (BN, ReLU, adds, gathers): " + "; ".join(rest)
+                            if rest else ""))
     if summary.get("groups"):
         lines.append("groups per layer: " + ", ".join(f"{k}={v}" for k, v in summary["groups"].items()))
     return "\n".join(lines)
 
 
 def print_run(run_dir: str | Path) -> str:
-    """The summary and per-layer table of a run folder, as text."""
+    """The summary, per-layer table and (when measured) slowest layers of a run folder, as text."""
     run = Path(run_dir)
     summary = read_json(run / "summary.json")
     text = [f"run {run}", format_summary(summary)]
@@ -130,4 +137,22 @@ def print_run(run_dir: str | Path) -> str:
         df = pd.read_csv(run / "layers.csv")
         cols = ["layer", "kind", "in_channels", "out_channels", "kernel", "groups", "macs_dense", "macs_after"]
         text.append(df[[c for c in cols if c in df]].to_string(index=False))
+    if (run / "latency_layers.csv").is_file():
+        text.append(_slowest_layers(pd.read_csv(run / "latency_layers.csv")))
     return "\n".join(text)
+
+
+def _slowest_layers(df: pd.DataFrame, top: int = 5) -> str:
+    """The ``top`` layers with the largest exported time at the smallest measured batch (batch 1 by default)."""
+    from .layer_latency import REST, WHOLE
+
+    batches = sorted(int(c.rsplit("_b", 1)[1]) for c in df.columns if c.startswith("exported_ms_b"))
+    if not batches or "layer" not in df:
+        return "latency_layers.csv: no per-layer times"
+    b = batches[0]
+    layers = df[~df["layer"].isin([WHOLE, REST])].nlargest(top, f"exported_ms_b{b}")
+    cols = ["layer", "exported_kind", "form", f"dense_ms_b{b}", f"exported_ms_b{b}", f"speedup_b{b}",
+            f"predicted_ms_b{b}"]
+    table = layers[[c for c in cols if c in layers]].to_string(index=False, float_format=lambda v: f"{v:.4f}",
+                                                                na_rep="-")
+    return f"slowest {len(layers)} exported layers at batch {b} (ms, from latency_layers.csv):\n{table}"

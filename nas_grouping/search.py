@@ -444,16 +444,25 @@ def search(cfg: SearchConfig, *, resume: bool = False,
         x = next(iter(val_loader))[0][:16]
         x = rt.to_device(x)
         max_diff = float((base(x) - exported(x)).abs().max())
-    latency_cost, latency_measured = latency, None
+    latency_cost, latency_measured, per_layer = latency, None, None
     if cfg.measure_latency and rt.is_main:
         from search_spaces import get_space
 
-        from .latency import choose_fastest_forms, latency_report
+        from .latency import choose_fastest_forms
+        from .layer_latency import layer_latency, summary_from_layers
 
         exported, forms = choose_fastest_forms(exported, input_size, batch=cfg.latency_batch)
         dense_model = get_space(cfg.space, num_classes=ds.num_classes, in_channels=ds.in_channels, dense=True,
                                 **cfg.space_kwargs).to(rt.device)
-        latency_measured = latency_report(dense_model, exported, input_size, batches=(1, 32))
+        predicted, predicted_batch = None, 1
+        if latency is not None:
+            predicted = {name: float(v[layer.learned_groups.bit_length() - 1]) for name, layer, v in latency.layers}
+            predicted["(whole model)"] = latency.current_ms()
+            predicted_batch = latency.batch
+        per_layer = layer_latency(dense_model, exported, input_size, batches=sorted({1, 32, predicted_batch}),
+                                  predicted=predicted, predicted_batch=predicted_batch)
+        latency_measured = summary_from_layers(per_layer)  # whole-model row, the same numbers as the CSV
+        latency_measured["layers_file"] = "latency_layers.csv"
         latency_measured["export_choice"] = {"layout": forms["layout"],
                                     "dense_form_layers": sorted(k for k, v in forms["layers"].items()
                                                                 if v["form"] == "dense")}
@@ -466,11 +475,15 @@ def search(cfg: SearchConfig, *, resume: bool = False,
         "params": count_parameters(exported), "projected": bool(flips), "projection_flips": flips,
         "export_max_abs_diff": max_diff, "epochs": total, "wall_time_s": time.perf_counter() - start_time,
         "latency": latency_measured,
-        **_latency_summary(latency_cost, latency_budget_ms, exported, input_size, cfg),
+        **_latency_summary(latency_cost, latency_budget_ms, exported, input_size, cfg, latency_measured),
         "groups": groups, "world_size": rt.world_size, "ranks_agree_on_groups": True, "device": str(rt.device),
     }
     if rt.is_main:
         report.write_search_report(out, base, exported, input_size, history, summary)
+        if per_layer is not None:
+            from .layer_latency import write_layer_latency
+
+            write_layer_latency(per_layer, out)
         save_model(exported, out / "model", extra={k: summary[k] for k in ("val_acc", "macs", "dense_macs",
                                                                               "budget_macs", "space", "dataset")})
         tqdm.write(report.format_summary(summary))
@@ -478,14 +491,17 @@ def search(cfg: SearchConfig, *, resume: bool = False,
     return SearchResult(model=exported, searched=base, summary=summary, history=history, run_dir=out)
 
 
-def _latency_summary(latency, budget_ms: float | None, exported: nn.Module, input_size, cfg: SearchConfig) -> dict:
-    """Predicted (table) vs measured latency of the exported model at the budget's batch size."""
+def _latency_summary(latency, budget_ms: float | None, exported: nn.Module, input_size, cfg: SearchConfig,
+                     measured_report: dict[str, Any] | None = None) -> dict:
+    """Predicted (table) vs measured latency of the exported model at the budget's batch size
+    (the measurement of ``measured_report`` when it has that batch, else a new one)."""
     if latency is None:
         return {}
     from .latency import measure_ms
 
-    measured = min(measure_ms(exported, input_size, batch=latency.batch,
-                              layouts=("nchw", "channels_last")).values())
+    at_batch = (measured_report or {}).get(f"batch_{latency.batch}")
+    measured = at_batch["exported_ms"] if at_batch else min(measure_ms(
+        exported, input_size, batch=latency.batch, layouts=("nchw", "channels_last")).values())
     predicted = latency.current_ms()
     return {"latency_budget_ms": budget_ms, "latency_predicted_ms": predicted, "latency_measured_ms": measured,
             "latency_prediction_error": (predicted - measured) / measured, "latency_batch": latency.batch,
