@@ -4,7 +4,8 @@ The model comes from a folder written by ``save_model`` (a search run folder wor
 its ``model/`` is used), or from a torchvision model name / registered space name plus a
 state dict. The run folder holds ``config.json``, ``checkpoint.pt`` (resumable),
 ``history.csv``, ``layers.csv`` (per layer: clusters, group sizes, kept connections,
-MACs before/after, or why it was skipped), ``summary.json`` (accuracy before, after
+MACs before/after, or why it was skipped), ``latency_layers.csv/json/png`` (per layer: input vs
+compressed latency at each batch, the latency table's prediction), ``summary.json`` (accuracy before, after
 pruning and after fine-tuning; MACs; CPU latency of both models) and ``model/``, the
 compressed model, loadable with ``load_model``.
 
@@ -33,6 +34,7 @@ from .errors import ConfigError, ExportError
 from ._self_grouping_latency import profile_self_grouping
 from .export import RECIPE_ATTR, load_model, save_model
 from .latency import LatencyTable, choose_fastest_forms, measure_ms
+from .layer_latency import WHOLE, layer_latency, write_layer_latency
 from .macs import count_macs, count_parameters, layer_macs
 from .report import read_json, write_json
 from .runtime import Runtime, setup_runtime
@@ -312,9 +314,16 @@ def compress(cfg: CompressConfig, *, resume: bool = False) -> CompressResult:
     result = sg.run(original, ds, batch_size=cfg.data.batch_size, rt=rt, out=out, resume=resume, plan=plan)
     compressed = result.model
     compressed_cpu = copy.deepcopy(compressed).cpu().eval()
-    forms = None
+    forms = per_layer = None
     if cfg.latency_batches and rt.is_main:
         compressed_cpu, forms = choose_fastest_forms(compressed_cpu, input_size, batch=cfg.grouping.latency_batch)
+        predicted = {lp.name: lp.predicted_ms for lp in plan.layers if lp.predicted_ms is not None}
+        if plan.latency is not None:
+            predicted[WHOLE] = plan.latency["predicted_ms"]
+        per_layer = layer_latency(original, compressed_cpu, input_size,
+                                  batches=sorted({*cfg.latency_batches, cfg.grouping.latency_batch}),
+                                  predicted=predicted or None, predicted_batch=cfg.grouping.latency_batch,
+                                  repeats=cfg.latency_repeats)
     macs_before, macs_after = count_macs(original, input_size), count_macs(compressed_cpu, input_size)
     layers = layer_table(plan, result.outcomes, original, compressed_cpu, input_size)
     latency = measure_latency({"input": original, "compressed": compressed_cpu}, input_size, cfg.latency_batches,
@@ -343,11 +352,14 @@ def compress(cfg: CompressConfig, *, resume: bool = False) -> CompressResult:
         "export_choice": None if forms is None else {"batch": forms["batch"], "layout": forms["layout"], "forms": {
             name: row["form"] for name, row in forms["layers"].items()}},
         **_latency_summary(plan, compressed_cpu, input_size, cfg),
+        "layers_latency_file": None if per_layer is None else "latency_layers.csv",
         "device": str(rt.device), "wall_time_s": time.perf_counter() - start,
     }
     if rt.is_main:
         pd.DataFrame(result.history).to_csv(out / "history.csv", index=False)
         layers.to_csv(out / "layers.csv", index=False)
+        if per_layer is not None:
+            write_layer_latency(per_layer, out)
         recipe = getattr(original, RECIPE_ATTR, None)
         save_model(compressed_cpu, out / "model", recipe=recipe, extra={
             k: summary[k] for k in ("val_acc_after", "macs_before", "macs_after", "budget_macs", "dataset", "source")})
