@@ -197,7 +197,7 @@ def default_knobs(kind: str, objective: str, *, budget_range: tuple[float, float
     """The knob space a study uses unless told otherwise (the knobs nobody can set by hand).
 
     Search: the regularizer strength (lambda or exponent), the gate learning rate and the
-    weight learning rate; in pareto mode also the search's own budget, up to the hard one.
+    weight learning rate; in the pareto modes also the search's own budget, up to the hard one.
     Compress: per-layer (or per-stage) shares of the budget, the cluster count, the
     fine-tuning learning rate.
     """
@@ -207,7 +207,7 @@ def default_knobs(kind: str, objective: str, *, budget_range: tuple[float, float
             "gate_lr": {"low": 0.003, "high": 0.3, "log": True},
             "lr": {"low": 0.01, "high": 0.2, "log": True},
         }
-        if objective == "pareto" and budget_range is not None:
+        if objective in ("pareto", "pareto-latency") and budget_range is not None:
             lowest, hard = budget_range
             knobs[BUDGET] = {"low": round(min(hard, max(lowest, 0.4 * hard)), 4), "high": hard}
         return knobs

@@ -1,8 +1,9 @@
 """A tuning run a person can read: trials.csv, summary.json, best_model/, and PNG plots.
 
 Feasibility is judged here again, not only by Optuna: a trial counts as feasible when it
-completed, its constraint is <= 0 *and* its exported model's MACs are within the budget, so
-a model over budget is never reported as best, whatever the storage holds.
+completed, its constraints are <= 0 *and* its exported model's MACs (and, under a latency
+budget, its measured latency) are within the budget, so a model over budget is never
+reported as best, whatever the storage holds.
 """
 
 from __future__ import annotations
@@ -23,43 +24,76 @@ TRIALS_CSV = "trials.csv"
 BEST_MODEL = "best_model"
 
 
-def feasible_trials(trials: Sequence[Any], budget_macs: int) -> list[Any]:
-    """Completed trials whose constraints are all <= 0 and whose exported model fits ``budget_macs``."""
+def feasible_trials(trials: Sequence[Any], budget_macs: int, latency_budget_ms: float | None = None) -> list[Any]:
+    """Completed trials whose constraints are all <= 0, whose exported model fits ``budget_macs`` and, when
+    ``latency_budget_ms`` is given, whose measured latency fits it."""
     from optuna.trial import TrialState
 
     out = []
     for t in trials:
         macs = t.user_attrs.get("macs")
+        latency = t.user_attrs.get("latency_ms")
         if (t.state == TrialState.COMPLETE and t.constraints and all(v <= 0 for v in t.constraints.values())
-                and macs is not None and macs <= budget_macs and t.user_attrs.get("val_acc") is not None):
+                and macs is not None and macs <= budget_macs and t.user_attrs.get("val_acc") is not None
+                and (latency_budget_ms is None or (latency is not None and latency <= latency_budget_ms))):
             out.append(t)
     return out
 
 
-def pareto_front(trials: Sequence[Any]) -> list[Any]:
-    """The trials no other trial beats on both accuracy (higher) and MACs (lower), by MACs."""
+def pareto_front(trials: Sequence[Any], cost: str = "macs") -> list[Any]:
+    """The trials no other trial beats on both accuracy (higher) and ``cost`` (lower: the user attribute
+    ``macs`` or ``latency_ms``), by cost. Trials without that cost are left out."""
+    trials = [t for t in trials if t.user_attrs.get(cost) is not None]
     front = []
     for t in trials:
-        a, m = t.user_attrs["val_acc"], t.user_attrs["macs"]
-        if not any((o.user_attrs["val_acc"] >= a and o.user_attrs["macs"] <= m)
-                   and (o.user_attrs["val_acc"] > a or o.user_attrs["macs"] < m) for o in trials):
+        a, m = t.user_attrs["val_acc"], t.user_attrs[cost]
+        if not any((o.user_attrs["val_acc"] >= a and o.user_attrs[cost] <= m)
+                   and (o.user_attrs["val_acc"] > a or o.user_attrs[cost] < m) for o in trials):
             front.append(t)
-    return sorted(front, key=lambda t: (t.user_attrs["macs"], -t.user_attrs["val_acc"], t.number))
+    return sorted(front, key=lambda t: (t.user_attrs[cost], -t.user_attrs["val_acc"], t.number))
 
 
-def _best(feasible: Sequence[Any]) -> Any | None:
-    """Highest accuracy; ties go to fewer MACs, then the earlier trial."""
+def _best(feasible: Sequence[Any], cost: str = "macs") -> Any | None:
+    """Highest accuracy; ties go to the lower cost (MACs, or latency for pareto-latency), then the earlier trial."""
     if not feasible:
         return None
-    return min(feasible, key=lambda t: (-t.user_attrs["val_acc"], t.user_attrs["macs"], t.number))
+    return min(feasible, key=lambda t: (-t.user_attrs["val_acc"], t.user_attrs.get(cost, math.inf),
+                                        t.user_attrs["macs"], t.number))
 
 
 def _trial_record(t: Any, dense_macs: int) -> dict[str, Any]:
     u = t.user_attrs
     return {"number": t.number, "val_acc": u.get("val_acc"), "macs": u.get("macs"),
             "macs_fraction": (u["macs"] / dense_macs) if u.get("macs") is not None else None,
-            "violation": u.get("violation"), "params": dict(t.params), "run_dir": u.get("run_dir"),
-            "worker": u.get("worker")}
+            "latency_ms": u.get("latency_ms"), "latency_fraction": u.get("latency_fraction"),
+            "violation": u.get("violation"), "latency_violation": u.get("latency_violation"),
+            "params": dict(t.params), "run_dir": u.get("run_dir"), "worker": u.get("worker")}
+
+
+def _why_none_feasible(trials: Sequence[Any], budget_macs: int, budget_ms: float | None) -> str:
+    """One line saying why no trial is feasible (so an empty result reads as an answer, not a crash)."""
+    from optuna.trial import TrialState
+
+    done = [t for t in trials if t.state == TrialState.COMPLETE and t.user_attrs.get("val_acc") is not None]
+    if not done:
+        return "no trial completed training yet"
+    reasons = []
+    over_macs = [t for t in done if (t.user_attrs.get("macs") or 0) > budget_macs]
+    if over_macs:
+        reasons.append(f"{len(over_macs)} over the MAC budget of {budget_macs:,}")
+    if budget_ms is not None:
+        timed = [t.user_attrs["latency_ms"] for t in done if t.user_attrs.get("latency_ms") is not None]
+        over = [ms for ms in timed if ms > budget_ms]
+        if over:
+            reasons.append(f"{len(over)} over the latency budget of {budget_ms:.4g} ms (fastest measured "
+                           f"{min(timed):.4g} ms)")
+    why = "; ".join(reasons) if reasons else "their constraints are violated"
+    return f"none of the {len(done)} completed trial(s) is feasible: {why}; loosen the budget or change the knobs"
+
+
+def _cost(objective: str) -> str:
+    """The user attribute the objective trades accuracy against."""
+    return "latency_ms" if objective == "pareto-latency" else "macs"
 
 
 def _state_counts(trials: Sequence[Any]) -> dict[str, int]:
@@ -83,17 +117,30 @@ def _copy_model(src: Path, dst: Path) -> None:
 
 
 def write_results(study: Any, out: Path, *, kind: str, objective: str, budget_macs: int, dense_macs: int,
-                  storage: str, extra: dict[str, Any] | None = None) -> dict[str, Any]:
-    """trials.csv, summary.json, best_model/ and the plots of ``study``, in ``out``; returns the summary."""
+                  storage: str, extra: dict[str, Any] | None = None,
+                  latency: dict[str, Any] | None = None) -> dict[str, Any]:
+    """trials.csv, summary.json, best_model/ and the plots of ``study``, in ``out``; returns the summary.
+
+    ``latency``: when trials are timed, the dense reference (``ms``, ``batch``, ``layout``, ``device``...) and
+    the budget (``budget``, ``budget_ms``: None without one).
+    """
     trials = study.get_trials(deepcopy=False)
     df = study.trials_dataframe()
+    if latency is not None:
+        for col in ("user_attrs_latency_ms", "user_attrs_latency_fraction"):
+            if col not in df.columns:
+                df[col] = float("nan")  # no trial timed yet: the columns are there all the same
     df.to_csv(out / TRIALS_CSV, index=False)
-    feasible = feasible_trials(trials, budget_macs)
-    best = _best(feasible)
-    front = pareto_front(feasible)
+    budget_ms = latency.get("budget_ms") if latency else None
+    cost = _cost(objective)
+    feasible = feasible_trials(trials, budget_macs, budget_ms)
+    best = _best(feasible, cost)
+    front = pareto_front(feasible, cost)
     summary: dict[str, Any] = {
         "kind": kind, "objective": objective, "study_name": study.study_name, "storage": storage,
         "budget_macs": budget_macs, "dense_macs": dense_macs, "budget_fraction": budget_macs / dense_macs,
+        "latency_budget_ms": budget_ms, "latency_reference_ms": latency.get("ms") if latency else None,
+        "latency": latency, "pareto_cost": cost,
         "trials": len(trials), "states": _state_counts(trials), "feasible": len(feasible),
         "best": _trial_record(best, dense_macs) if best is not None else None,
         "pareto_front": [_trial_record(t, dense_macs) for t in front],
@@ -107,15 +154,62 @@ def write_results(study: Any, out: Path, *, kind: str, objective: str, budget_ma
         else:
             summary["best_model_elsewhere"] = (f"trial {best.number} ran on {best.user_attrs.get('worker')}; its model "
                                                f"is in that machine's {best.user_attrs['run_dir']}/model")
-    summary["plots"] = _plots(study, trials, feasible, front, out, budget_macs, dense_macs, objective)
+    else:
+        summary["no_feasible"] = _why_none_feasible(trials, budget_macs, budget_ms)
+    summary["plots"] = _plots(study, trials, feasible, front, out, budget_macs, dense_macs, objective, latency)
     write_json(out / SUMMARY, summary)
     return summary
 
 
 # ------------------------------------------------------------------ plots
 
+def _tradeoff_plot(plt: Any, trials: Sequence[Any], feasible: Sequence[Any], trained_over: Sequence[Any],
+                   skipped: Sequence[Any], dense_macs: int, budget_macs: int, latency: dict[str, Any] | None,
+                   objective: str, *, cost: str, front: Sequence[Any], path: Path) -> None:
+    """Accuracy vs ``cost`` (``macs``, as % of dense, or ``latency_ms``) with the hard budget as a line."""
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    if cost == "macs":
+        scale, budget, label = 100.0 / dense_macs, budget_macs, "MACs (% of dense)"
+        title = "accuracy vs MACs" + (" (Pareto front)" if objective == "pareto" else "")
+    else:
+        scale, budget = 1.0, (latency or {}).get("budget_ms")
+        batch = (latency or {}).get("batch")
+        label = "measured latency (ms" + (f", batch {batch}" if batch else "") + ")"
+        title = "accuracy vs latency" + (" (Pareto front)" if objective == "pareto-latency" else "")
+    with_cost = [t for t in feasible if t.user_attrs.get(cost) is not None]
+    over = [t for t in trained_over if t.user_attrs.get(cost) is not None]
+    if with_cost:
+        ax.plot([t.user_attrs[cost] * scale for t in with_cost], [t.user_attrs["val_acc"] for t in with_cost], "o",
+                color="tab:blue", alpha=0.6, label="feasible")
+    if front:
+        ax.step([t.user_attrs[cost] * scale for t in front], [t.user_attrs["val_acc"] for t in front], "-o",
+                where="post", color="tab:orange", label="Pareto front (feasible)")
+    if over:
+        ax.plot([t.user_attrs[cost] * scale for t in over], [t.user_attrs["val_acc"] for t in over],
+                "x", color="tab:red", ms=9, label="infeasible (over a budget)")
+    if skipped and cost == "macs":
+        macs = [t.user_attrs.get("planned_macs") or t.user_attrs.get("minimum_macs") for t in skipped]
+        macs = [m * scale for m in macs if m is not None]
+        if macs:
+            ax.plot(macs, [0.02] * len(macs), "|", color="tab:red", ms=18, mew=2,
+                    transform=ax.get_xaxis_transform(), label="infeasible, not trained (MACs known)")
+    if budget is not None:
+        ax.axvline(budget * scale, ls="--", color="tab:red", alpha=0.7,
+                   label="hard budget" if cost == "macs" else "hard latency budget")
+    if cost == "latency_ms" and latency and latency.get("ms"):
+        ax.axvline(latency["ms"], ls=":", color="tab:gray", alpha=0.8, label="dense reference")
+    ax.set_xlabel(label)
+    ax.set_ylabel("validation accuracy")
+    ax.set_title(title)
+    ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def _plots(study: Any, trials: Sequence[Any], feasible: Sequence[Any], front: Sequence[Any], out: Path,
-           budget_macs: int, dense_macs: int, objective: str) -> dict[str, str]:
+           budget_macs: int, dense_macs: int, objective: str,
+           latency: dict[str, Any] | None = None) -> dict[str, str]:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -162,33 +256,20 @@ def _plots(study: Any, trials: Sequence[Any], feasible: Sequence[Any], front: Se
     plt.close(fig)
     written["history"] = "history.png"
 
-    # accuracy vs MACs: the Pareto front of feasible trials, infeasible ones marked
-    fig, ax = plt.subplots(figsize=(7, 4.2))
-    pct = 100.0 / dense_macs
-    if feasible:
-        ax.plot([t.user_attrs["macs"] * pct for t in feasible], [t.user_attrs["val_acc"] for t in feasible], "o",
-                color="tab:blue", alpha=0.6, label="feasible")
-    if front:
-        ax.step([t.user_attrs["macs"] * pct for t in front], [t.user_attrs["val_acc"] for t in front], "-o",
-                where="post", color="tab:orange", label="Pareto front (feasible)")
-    if trained_over:
-        ax.plot([t.user_attrs["macs"] * pct for t in trained_over], [t.user_attrs["val_acc"] for t in trained_over],
-                "x", color="tab:red", ms=9, label="infeasible (over budget)")
-    if skipped:
-        macs = [t.user_attrs.get("planned_macs") or t.user_attrs.get("minimum_macs") for t in skipped]
-        macs = [m * pct for m in macs if m is not None]
-        if macs:
-            ax.plot(macs, [0.02] * len(macs), "|", color="tab:red", ms=18, mew=2,
-                    transform=ax.get_xaxis_transform(), label="infeasible, not trained (MACs known)")
-    ax.axvline(budget_macs * pct, ls="--", color="tab:red", alpha=0.7, label="hard budget")
-    ax.set_xlabel("MACs (% of dense)")
-    ax.set_ylabel("validation accuracy")
-    ax.set_title("accuracy vs MACs" + (" (Pareto front)" if objective == "pareto" else ""))
-    ax.legend(fontsize=8, loc="lower right")
-    fig.tight_layout()
-    fig.savefig(out / "pareto.png", dpi=110)
-    plt.close(fig)
+    # accuracy vs the objective's cost (MACs, or measured latency for pareto-latency): the Pareto front of
+    # feasible trials, infeasible ones marked; the other cost gets its own plot when trials were timed
+    cost = _cost(objective)
+    args = (plt, trials, feasible, trained_over, skipped, dense_macs, budget_macs, latency, objective)
+    _tradeoff_plot(*args, cost=cost, front=front, path=out / "pareto.png")
     written["pareto"] = "pareto.png"
+    timed = any(t.user_attrs.get("latency_ms") is not None for t in trials)
+    if cost == "macs" and (latency is not None or timed):
+        _tradeoff_plot(*args, cost="latency_ms", front=pareto_front(feasible, "latency_ms"),
+                       path=out / "latency.png")
+        written["latency"] = "latency.png"
+    elif cost == "latency_ms":
+        _tradeoff_plot(*args, cost="macs", front=pareto_front(feasible, "macs"), path=out / "macs.png")
+        written["macs"] = "macs.png"
 
     # parameter importances (fANOVA, seeded) over the completed trials
     try:
@@ -221,24 +302,43 @@ def format_tuning_run(run_dir: str | Path, *, top: int = 20) -> str:
     s = read_json(run / SUMMARY)
     lines = [f"tuning run {run}: {s['kind']} trials, objective {s['objective']}, study {s['study_name']!r} "
              f"in {s['storage']}",
-             f"hard budget {s['budget_macs']:,} MACs ({s['budget_fraction']:.1%} of dense {s['dense_macs']:,}); "
-             f"{s['trials']} trials: " + ", ".join(f"{n} {k}" for k, n in sorted(s["states"].items()))
-             + f"; {s['feasible']} feasible"]
+             f"hard budget {s['budget_macs']:,} MACs ({s['budget_fraction']:.1%} of dense {s['dense_macs']:,})"
+             + _latency_line(s) + f"; {s['trials']} trials: "
+             + ", ".join(f"{n} {k}" for k, n in sorted(s["states"].items())) + f"; {s['feasible']} feasible"]
     b = s.get("best")
     if b:
+        lat = f", {b['latency_ms']:.3f} ms" if b.get("latency_ms") is not None else ""
         lines.append(f"best feasible: trial {b['number']}, val acc {b['val_acc']:.4f}, {b['macs']:,} MACs "
-                     f"({b['macs_fraction']:.1%} of dense); model in "
+                     f"({b['macs_fraction']:.1%} of dense){lat}; model in "
                      f"{run / s['best_model'] if s.get('best_model') else s.get('best_model_elsewhere')}")
         lines.append("  knobs: " + ", ".join(f"{k}={_fmt(v)}" for k, v in b["params"].items()))
     else:
-        lines.append("no feasible trial completed yet")
+        lines.append("no feasible trial" + (f": {s['no_feasible']}" if s.get("no_feasible") else " completed yet"))
     if s["objective"] == "pareto" and s.get("pareto_front"):
         lines.append("Pareto front (feasible): " + "; ".join(
             f"trial {t['number']}: {t['val_acc']:.4f} at {t['macs_fraction']:.1%}" for t in s["pareto_front"]))
+    if s["objective"] == "pareto-latency" and s.get("pareto_front"):
+        lines.append("Pareto front (feasible, accuracy vs latency): " + "; ".join(
+            f"trial {t['number']}: {t['val_acc']:.4f} at {t['latency_ms']:.3f} ms" for t in s["pareto_front"]))
     csv = run / TRIALS_CSV
     if csv.is_file():
         lines.append(trial_table(pd.read_csv(csv), s["dense_macs"], top=top))
     return "\n".join(lines)
+
+
+def _latency_line(s: dict[str, Any]) -> str:
+    lat = s.get("latency")
+    if not lat:
+        return ""
+    ref = f"dense {lat['ms']:.3f} ms at batch {lat.get('batch', 1)} on {lat.get('device', '?')}"
+    if s.get("latency_budget_ms") is None:
+        return f"; latency measured ({ref})"
+    budget = s["latency_budget_ms"]
+    return f"; hard latency budget {_ms(budget)} ms ({budget / lat['ms']:.1%} of {ref})"
+
+
+def _ms(v: float) -> str:
+    return f"{v:.3f}" if v >= 0.01 else f"{v:.3g}"
 
 
 def _fmt(v: Any) -> str:
@@ -256,6 +356,9 @@ def trial_table(df: pd.DataFrame, dense_macs: int, *, top: int = 20) -> str:
     if macs is None or macs.isna().all():
         macs = df.get("user_attrs_planned_macs")
     table["MACs %"] = (macs / dense_macs * 100).round(1) if macs is not None else None
+    latency = df.get("user_attrs_latency_ms")
+    if latency is not None and latency.notna().any():
+        table["latency ms"] = latency.round(3)
     feas = df.get("user_attrs_feasible")
     table["feasible"] = feas if feas is not None else None
     skipped = df.get("user_attrs_skipped")

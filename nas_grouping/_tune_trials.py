@@ -7,6 +7,13 @@ exported model's ``macs``, ``val_acc``, ``feasible`` and ``run_dir``. The graded
 ``macs / budget - 1`` is the trial's Optuna constraint ``macs``: set before training for a
 sample that cannot fit (which is then not trained, and ends PRUNED with ``skipped``), and
 from the exported model's exact count after training.
+
+With a latency budget (``TuneConfig.trial_latency_budget``) or objective ``pareto-latency``, a
+finished trial's saved model is loaded again, put in its fastest exact forms and layout
+(``choose_fastest_forms``, as the export does) and timed on this machine's CPU at
+``trial_latency_batch`` (the faster layout's median): ``latency_ms`` and ``latency_fraction`` of
+the study's dense reference. Under a budget, ``latency_ms / budget_ms - 1`` is the second
+constraint ``measured_latency`` (always after ``macs``), and ``feasible`` needs both.
 """
 
 from __future__ import annotations
@@ -23,10 +30,14 @@ from .config import CompressConfig, SearchConfig
 from .errors import ConfigError
 from ._tune_knobs import BUDGET, SHARE, Knob, apply_knobs, project_shares, share_param
 
-__all__ = ["TrialContext", "make_objective", "CONSTRAINT", "trial_dir_name"]
+__all__ = ["TrialContext", "make_objective", "CONSTRAINT", "LATENCY_CONSTRAINT", "trial_dir_name", "model_latency_ms"]
 
 #: name of the Optuna constraint (system attribute ``constraints:macs``)
 CONSTRAINT = "macs"
+#: name of the second constraint, set after ``macs`` when a latency budget is given; it sorts after ``macs``, so
+#: every storage lists the two in that order (database storages sort constraints by name, the others keep the
+#: order they were set in)
+LATENCY_CONSTRAINT = "measured_latency"
 
 
 def trial_dir_name(number: int) -> str:
@@ -54,10 +65,14 @@ class TrialContext:
     source_model: Any = None  # compress: the input model (kept in memory, never modified)
     claim: Any = None  # the ClaimLock, released as soon as the trial exists
     quiet: bool = False
+    measure_latency: bool = False  # time every finished trial's model (a latency budget or pareto-latency)
+    latency_batch: int = 1
+    latency_budget_ms: float | None = None  # resolved against the dense reference (set once the study is open)
+    latency_reference_ms: float | None = None
 
     @property
     def multi(self) -> bool:
-        return self.objective == "pareto"
+        return self.objective in ("pareto", "pareto-latency")
 
     def say(self, text: str) -> None:
         if not self.quiet:
@@ -96,18 +111,62 @@ def _describe(params: dict[str, Any]) -> str:
     return ", ".join(f"{k}={fmt(v)}" for k, v in params.items())
 
 
+def model_latency_ms(model: Any, input_size: tuple[int, ...], batch: int) -> tuple[float, str]:
+    """(ms, layout): ``model``'s inference latency on this machine's CPU in its fastest exact forms, at
+    ``batch``: the forms and layout ``choose_fastest_forms`` picks, then the faster layout's median."""
+    from .latency import choose_fastest_forms, measure_ms
+
+    model = model.to("cpu").eval()
+    fastest, _ = choose_fastest_forms(model, input_size, batch=batch)
+    times = measure_ms(fastest, input_size, batch=batch, layouts=("nchw", "channels_last"))
+    layout = min(times, key=times.get)
+    return float(times[layout]), layout
+
+
+def _trial_latency(ctx: TrialContext, run_dir: Path) -> tuple[float, str]:
+    """The latency of the model the trial saved in ``run_dir/model`` (what the user would deploy)."""
+    from .export import load_model
+
+    folder = run_dir / "model"
+    if not (folder / "architecture.json").is_file():
+        raise RuntimeError(f"the trial saved no model in {folder}, so its latency cannot be measured")
+    return model_latency_ms(load_model(folder), ctx.input_size, ctx.latency_batch)
+
+
 def _finish(ctx: TrialContext, trial: Any, *, val_acc: float, macs: int, started: float,
-            params: dict[str, Any]) -> float | tuple[float, float]:
-    violation = _record_constraint(trial, macs, ctx.budget_macs)
+            params: dict[str, Any], run_dir: Path) -> float | tuple[float, float]:
+    latency_ms = None
+    if ctx.measure_latency:
+        latency_ms, layout = _trial_latency(ctx, run_dir)
+    violation = _record_constraint(trial, macs, ctx.budget_macs)  # macs first, then latency: a stable order
     feasible = macs <= ctx.budget_macs
+    latency_note = ""
+    if latency_ms is not None:
+        trial.set_user_attr("latency_ms", latency_ms)
+        trial.set_user_attr("latency_layout", layout)
+        trial.set_user_attr("latency_batch", ctx.latency_batch)
+        if ctx.latency_reference_ms:
+            trial.set_user_attr("latency_fraction", latency_ms / ctx.latency_reference_ms)
+        latency_note = f", {latency_ms:.3f} ms" + (f" ({latency_ms / ctx.latency_reference_ms:.1%} of dense)"
+                                                    if ctx.latency_reference_ms else "")
+        if ctx.latency_budget_ms is not None:
+            lat_violation = latency_ms / ctx.latency_budget_ms - 1.0
+            trial.set_constraint(LATENCY_CONSTRAINT, lat_violation)
+            trial.set_user_attr("latency_violation", lat_violation)
+            if latency_ms > ctx.latency_budget_ms:
+                feasible = False
+                latency_note += f", OVER the latency budget of {ctx.latency_budget_ms:.4g} ms by {lat_violation:.2%}"
     trial.set_user_attr("val_acc", val_acc)
     trial.set_user_attr("macs", macs)
     trial.set_user_attr("macs_fraction", macs / ctx.dense_macs)
     trial.set_user_attr("feasible", feasible)
     trial.set_user_attr("wall_time_s", time.perf_counter() - started)
-    ctx.say(f"trial {trial.number}: val acc {val_acc:.4f}, {macs:,} MACs ({macs / ctx.dense_macs:.1%} of dense), "
-            + ("feasible" if feasible else f"OVER the budget by {violation:.2%}: never reported as best")
-            + f" [{_describe(params)}]")
+    over_macs = macs > ctx.budget_macs
+    ctx.say(f"trial {trial.number}: val acc {val_acc:.4f}, {macs:,} MACs ({macs / ctx.dense_macs:.1%} of dense)"
+            + (f", OVER the MAC budget by {violation:.2%}" if over_macs else "") + latency_note + ", "
+            + ("feasible" if feasible else "infeasible: never reported as best") + f" [{_describe(params)}]")
+    if ctx.objective == "pareto-latency":
+        return val_acc, float(latency_ms)
     return (val_acc, float(macs)) if ctx.multi else val_acc
 
 
@@ -165,7 +224,8 @@ def _search_trial(ctx: TrialContext, trial: Any, params: dict[str, Any], run_dir
         ctx.say(f"trial {trial.number}: pruned ({exc}) [{_describe(params)}]")
         raise
     s = result.summary
-    return _finish(ctx, trial, val_acc=float(s["val_acc"]), macs=int(s["macs"]), started=started, params=params)
+    return _finish(ctx, trial, val_acc=float(s["val_acc"]), macs=int(s["macs"]), started=started, params=params,
+                   run_dir=run_dir)
 
 
 def _compress_trial(ctx: TrialContext, trial: Any, params: dict[str, Any], run_dir: Path, started: float
@@ -189,7 +249,7 @@ def _compress_trial(ctx: TrialContext, trial: Any, params: dict[str, Any], run_d
         result = compress(cfg)
     s = result.summary
     return _finish(ctx, trial, val_acc=float(s["val_acc_after"]), macs=int(s["macs_after"]), started=started,
-                   params=params)
+                   params=params, run_dir=run_dir)
 
 
 def _escape(name: str) -> str:

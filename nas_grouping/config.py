@@ -414,7 +414,9 @@ class CompressConfig:
 
 # --------------------------------------------------------------------- tuning
 
-TUNE_OBJECTIVES = ("accuracy", "pareto")
+TUNE_OBJECTIVES = ("accuracy", "pareto", "pareto-latency")
+#: objectives with two values (accuracy and a cost): Optuna cannot prune their trials
+TUNE_MULTI_OBJECTIVES = ("pareto", "pareto-latency")
 TUNE_SAMPLERS = ("tpe", "random", "gp", "nsgaii")
 TUNE_PRUNERS = ("auto", "percentile", "median", "hyperband", "none")
 
@@ -430,7 +432,10 @@ class TuneConfig:
 
     trials: int = _f(20, "trials of the study in all (all workers together; a resumed study counts the ones done)")
     objective: str = _f("accuracy", "accuracy: maximize validation accuracy, pruning bad trials early; pareto: "
-                        "accuracy vs MACs, the Pareto front of feasible trials (no pruning)", choices=TUNE_OBJECTIVES)
+                        "accuracy vs MACs, the Pareto front of feasible trials (no pruning); pareto-latency: "
+                        "accuracy vs the final model's latency measured on this machine (CPU, at "
+                        "--trial-latency-batch; no pruning)",
+                        choices=TUNE_OBJECTIVES)
     knobs: dict = _f({}, "knob space as JSON {knob: {low, high, log, step} or {choices: [...]} or null to drop a "
                      "default}; knobs are fields of the job's config (space_kwargs.NAME for builder arguments; "
                      "compress: share, clusters, lr, ...)")
@@ -449,6 +454,13 @@ class TuneConfig:
     timeout: float | None = _f(None, "seconds after which no new trial starts (running ones finish)")
     heartbeat: int = _f(60, "database storages: seconds between a running trial's heartbeats; a trial silent for "
                         "3 beats (its worker died) is failed and retried once")
+    trial_latency_budget: Any = _f(None, "hard latency budget of every trial's final model, measured on this machine "
+                                   "(CPU) after training in its fastest exact forms and layout: milliseconds (2.5ms) "
+                                   "or a fraction in (0, 1] of the dense model's latency (search: the dense searched "
+                                   "space; compress: the input model), measured once per study; a trial over it is "
+                                   "infeasible (never best). Not the job's own --latency-budget (a predicted one)")
+    trial_latency_batch: int = _f(1, "batch size at which --trial-latency-budget and objective pareto-latency measure "
+                                  "each trial's final model (and the dense reference)")
 
     def __post_init__(self) -> None:
         if isinstance(self.knobs, str):
@@ -477,9 +489,23 @@ class TuneConfig:
         for name, allowed in (("objective", TUNE_OBJECTIVES), ("sampler", TUNE_SAMPLERS), ("pruner", TUNE_PRUNERS)):
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
-        if self.objective == "pareto" and self.pruner not in ("auto", "none"):
+        if self.objective in TUNE_MULTI_OBJECTIVES and self.pruner not in ("auto", "none"):
             raise ConfigError(f"pruner {self.pruner!r} needs objective=accuracy: Optuna cannot prune multi-objective "
-                              "trials; use --pruner none (or auto) with --objective pareto")
+                              f"trials; use --pruner none (or auto) with --objective {self.objective}")
+        if self.trial_latency_budget is not None:
+            from .latency import parse_latency_budget
+
+            spec = self.trial_latency_budget
+            if isinstance(spec, bool) or not isinstance(spec, (str, int, float)):
+                raise ConfigError(f"trial_latency_budget: expected milliseconds such as 2.5ms or a fraction of the "
+                                  f"dense latency in (0, 1], got {self.trial_latency_budget!r}")
+            try:  # checks the form only; a fraction is resolved against the dense latency measured by the study
+                parse_latency_budget(self.trial_latency_budget, 1.0)
+            except ConfigError as exc:
+                raise ConfigError(f"trial_latency_budget: {exc}") from None
+        if (isinstance(self.trial_latency_batch, bool) or not isinstance(self.trial_latency_batch, int)
+                or self.trial_latency_batch < 1):
+            raise ConfigError(f"trial_latency_batch must be an integer >= 1, got {self.trial_latency_batch!r}")
         if self.study_name is not None and not str(self.study_name).strip():
             raise ConfigError("study_name must not be empty (leave it unset for the --out folder's name)")
 

@@ -13,10 +13,19 @@ feasible only when its exported model's MACs are within the budget.
     >>> result = tune(SearchConfig(space="resnet20", budget=0.5, out="runs/tune"), TuneConfig(trials=20))
     >>> result.best["val_acc"], result.best["params"]
 
+Latency: with ``TuneConfig(trial_latency_budget="2.5ms")`` (or a fraction of the dense
+latency) or ``objective="pareto-latency"``, every finished trial's saved model is timed on this
+machine's CPU in its fastest exact forms and layout, at ``trial_latency_batch``. The dense
+reference (search: the dense searched space; compress: the input model) is timed once per
+study and kept in the study (workers and resumed runs reuse it); a fractional budget resolves
+against it. A budget adds the constraint ``measured_latency`` (``latency_ms / budget_ms - 1``,
+after ``macs``), and a trial is feasible only when it meets both budgets.
+
 Modes: ``objective="accuracy"`` maximizes validation accuracy, and a pruner stops bad trials
-from their per-epoch reports; ``objective="pareto"`` trades accuracy against MACs (no
-pruning: Optuna cannot prune multi-objective trials). Storage: a SQLite file in the run
-folder, a journal file for ``workers > 1``, or a PostgreSQL/MySQL URL shared by machines.
+from their per-epoch reports; ``objective="pareto"`` trades accuracy against MACs and
+``"pareto-latency"`` against measured latency (no pruning: Optuna cannot prune
+multi-objective trials). Storage: a SQLite file in the run folder, a journal file for
+``workers > 1``, or a PostgreSQL/MySQL URL shared by machines.
 """
 
 from __future__ import annotations
@@ -35,7 +44,7 @@ from typing import Any, Callable
 from ._tune_knobs import BUDGET, SHARE, Knob, apply_knobs, check_enqueued, knob_groups, parse_knobs, share_param
 from ._tune_report import SUMMARY, format_tuning_run, write_results
 from ._tune_storage import ClaimLock, StorageSpec, WorkerLock, open_storage, resolve_storage
-from ._tune_trials import TrialContext, make_objective
+from ._tune_trials import TrialContext, make_objective, model_latency_ms
 from .config import CompressConfig, SearchConfig, TuneConfig, config_from_dict, config_to_dict
 from .errors import ConfigError
 from .report import read_json, write_json
@@ -43,6 +52,8 @@ from .report import read_json, write_json
 __all__ = ["tune", "TuneResult", "Knob", "print_tuning_run", "is_tuning_run", "load_tuning_config"]
 
 SETTINGS_ATTR = "nas_grouping.settings"
+#: study user attribute holding the dense reference latency (measured once per study)
+LATENCY_ATTR = "nas_grouping.latency_reference"
 TUNE_FILE = "tune.json"
 #: job settings a trial never takes from the base (each trial sets them), so they may change on resume
 _VOLATILE = {"out", "progress", "device", "latency_batches", "latency_repeats", "measure_latency", "latency_batch"}
@@ -63,7 +74,8 @@ class TuneResult:
 
     @property
     def pareto_front(self) -> list[dict[str, Any]]:
-        """The feasible trials no other feasible trial beats on both accuracy and MACs, by MACs."""
+        """The feasible trials no other feasible trial beats on both accuracy and cost, by cost (MACs; the
+        measured latency for objective pareto-latency)."""
         return self.summary.get("pareto_front", [])
 
 
@@ -81,6 +93,8 @@ def _kind_of(base: Any) -> str:
 def _job_settings(base: Any) -> dict[str, Any]:
     values = config_to_dict(base)
     for key in _VOLATILE:
+        if key == "latency_batch" and values.get("latency_budget") is not None:
+            continue  # the search's own latency budget is profiled at that batch: it changes the results
         values.pop(key, None)
     if isinstance(values.get("grouping"), dict):
         values["grouping"].pop("progress", None)
@@ -99,7 +113,8 @@ def _prepare(kind: str, base: Any, config: TuneConfig, out: Path, *, quiet: bool
     ds = load_datasets(base.data)
     input_size = (ds.in_channels, *ds.input_size)
     common = dict(kind=kind, base=base, out=out, objective=config.objective, input_size=input_size,
-                  num_classes=ds.num_classes, in_channels=ds.in_channels, quiet=quiet)
+                  num_classes=ds.num_classes, in_channels=ds.in_channels, quiet=quiet,
+                  measure_latency=_measures_latency(config), latency_batch=config.trial_latency_batch)
     if kind == "search":
         from .budget import MacBudget, ModelCost
         from .convert import dgconv_layers
@@ -157,10 +172,63 @@ def _check_knob_values(ctx: TrialContext) -> None:
                                   f"configuration: {exc}. Narrow the knob's range.") from exc
 
 
-def _settings(ctx: TrialContext) -> dict[str, Any]:
+def _settings(ctx: TrialContext, config: TuneConfig) -> dict[str, Any]:
     """What defines a study: a study of that name holding other settings is an error, not a resume."""
-    return {"kind": ctx.kind, "objective": ctx.objective, "budget_macs": ctx.budget_macs,
-            "knobs": {n: k.to_dict() for n, k in ctx.knobs.items()}, "job": _job_settings(ctx.base)}
+    settings = {"kind": ctx.kind, "objective": ctx.objective, "budget_macs": ctx.budget_macs,
+                "knobs": {n: k.to_dict() for n, k in ctx.knobs.items()}, "job": _job_settings(ctx.base)}
+    if ctx.measure_latency:  # only then: studies made without latency resume as before
+        settings["latency"] = {"budget": None if config.trial_latency_budget is None
+                               else str(config.trial_latency_budget).strip().lower(),
+                               "batch": config.trial_latency_batch}
+    return settings
+
+
+# ------------------------------------------------------------------ latency
+
+def _measures_latency(config: TuneConfig) -> bool:
+    return config.trial_latency_budget is not None or config.objective == "pareto-latency"
+
+
+def _reference_model(ctx: TrialContext) -> tuple[Any, str]:
+    """The dense reference: the searched space built dense (as the search's own report), or the input model."""
+    if ctx.kind == "search":
+        from search_spaces import get_space
+
+        base = ctx.base
+        model = get_space(base.space, num_classes=ctx.num_classes, in_channels=ctx.in_channels, dense=True,
+                          **base.space_kwargs)
+        return model, f"dense {base.space}"
+    return ctx.source_model, "input model"
+
+
+def _latency_reference(study: Any, ctx: TrialContext, config: TuneConfig, *, measure: bool) -> dict[str, Any] | None:
+    """Set the context's reference and budget (ms) from the study, measuring the reference first when the study
+    has none yet (once per study: workers and resumed runs reuse it). None when latency is not measured."""
+    from .latency import device_name, parse_latency_budget
+
+    if not ctx.measure_latency:
+        return None
+    ref = study.user_attrs.get(LATENCY_ATTR)
+    if ref is None:
+        if not measure:
+            raise RuntimeError(f"study {study.study_name!r} holds no dense reference latency; the tune call that "
+                               "starts the workers measures it")
+        import torch
+
+        model, what = _reference_model(ctx)
+        ms, layout = model_latency_ms(model, ctx.input_size, ctx.latency_batch)
+        ref = {"ms": ms, "layout": layout, "batch": ctx.latency_batch, "model": what, "device": device_name("cpu"),
+               "threads": torch.get_num_threads(), "torch": torch.__version__}
+        study.set_user_attr(LATENCY_ATTR, ref)
+        ctx.say(f"dense reference latency ({what}, batch {ctx.latency_batch}, {layout}): {ms:.3f} ms")
+    elif ref.get("device") != device_name("cpu"):
+        warnings.warn(f"the study's dense reference latency was measured on {ref.get('device')!r}, this machine is "
+                      f"{device_name('cpu')!r}: latencies of trials run here compare against another machine's",
+                      stacklevel=3)
+    ctx.latency_reference_ms = float(ref["ms"])
+    if config.trial_latency_budget is not None:
+        ctx.latency_budget_ms = parse_latency_budget(config.trial_latency_budget, ctx.latency_reference_ms)
+    return {**ref, "budget": config.trial_latency_budget, "budget_ms": ctx.latency_budget_ms}
 
 
 def _diff(saved: Any, now: Any, prefix: str = "") -> list[str]:
@@ -224,12 +292,13 @@ def _make_pruner(config: TuneConfig, ctx: TrialContext) -> Any:
                                           reduction_factor=3)
 
 
-def _open_study(ctx: TrialContext, storage: Any, name: str, sampler: Any, pruner: Any, *, create: bool) -> Any:
+def _open_study(ctx: TrialContext, config: TuneConfig, storage: Any, name: str, sampler: Any, pruner: Any, *,
+                create: bool) -> Any:
     """Create the study (recording its settings) or load it and check its settings match."""
     import optuna
 
     directions = ["maximize", "minimize"] if ctx.multi else ["maximize"]
-    settings = _settings(ctx)
+    settings = _settings(ctx, config)
     existing = {s.study_name for s in optuna.study.get_all_study_summaries(storage, include_best_trial=False)}
     if name not in existing:
         if not create:
@@ -238,7 +307,8 @@ def _open_study(ctx: TrialContext, storage: Any, name: str, sampler: Any, pruner
                                     pruner=pruner)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            study.set_metric_names(["val_acc", "macs"] if ctx.multi else ["val_acc"])
+            cost = "latency_ms" if ctx.objective == "pareto-latency" else "macs"
+            study.set_metric_names(["val_acc", cost] if ctx.multi else ["val_acc"])
         study.set_user_attr(SETTINGS_ATTR, settings)
         return study
     study = optuna.load_study(study_name=name, storage=storage, sampler=sampler, pruner=pruner)
@@ -322,7 +392,9 @@ def _worker_entry(payload: dict[str, Any]) -> None:
     try:
         seed = _worker_seed(base_seed(base), payload["index"], server=payload["storage_kind"] == "server")
         sampler = _make_sampler(config, seed, shared=True)
-        study = _open_study(ctx, storage, payload["study_name"], sampler, _make_pruner(config, ctx), create=False)
+        study = _open_study(ctx, config, storage, payload["study_name"], sampler, _make_pruner(config, ctx),
+                            create=False)
+        _latency_reference(study, ctx, config, measure=False)
         ctx.claim = ClaimLock(out, storage, payload["study_name"])
         _work(study, ctx, ctx.claim, config.trials, payload["deadline"])
     finally:
@@ -410,19 +482,26 @@ def tune(base: SearchConfig | CompressConfig, config: TuneConfig | None = None, 
         alone = lock.acquire()
         with claim:
             existed = name in {s.study_name for s in optuna.study.get_all_study_summaries(storage)}
-            study = _open_study(ctx, storage, name, sampler, pruner, create=True)
+            study = _open_study(ctx, config, storage, name, sampler, pruner, create=True)
             if not existed:
                 for params in enqueued:
                     study.enqueue_trial(params, user_attrs={"enqueued": True})
+            latency = _latency_reference(study, ctx, config, measure=True)
             retried = _recover(study, alone=alone and spec.local)
             write_json(out / TUNE_FILE, {"kind": kind, "tune": config_to_dict(config), "job": config_to_dict(base),
                                          "storage": spec.display, "storage_kind": spec.kind, "study_name": name,
                                          "budget_macs": ctx.budget_macs, "dense_macs": ctx.dense_macs,
+                                         "latency": latency,
                                          "knobs": {n: k.to_dict() for n, k in ctx.knobs.items()}})
             done = len(study.get_trials(deepcopy=False))
+        lat = ""
+        if ctx.latency_budget_ms is not None:
+            lat = (f", hard latency budget {ctx.latency_budget_ms:.3f} ms "
+                   f"({ctx.latency_budget_ms / ctx.latency_reference_ms:.1%} of dense {ctx.latency_reference_ms:.3f} "
+                   f"ms at batch {ctx.latency_batch})")
         ctx.say(f"{'joined' if existed else 'created'} study {name!r} in {spec.display}: {kind} trials, objective "
                 f"{config.objective}, hard budget {ctx.budget_macs:,} MACs ({ctx.budget_macs / ctx.dense_macs:.1%} "
-                f"of dense {ctx.dense_macs:,}), {done} trial(s) so far, {config.trials} in all"
+                f"of dense {ctx.dense_macs:,}){lat}, {done} trial(s) so far, {config.trials} in all"
                 + (f"; retrying trial(s) {retried} left unfinished" if retried else ""))
         ctx.say("knobs: " + "; ".join(k.describe() for k in ctx.knobs.values()))
         deadline = time.time() + config.timeout if config.timeout else None
@@ -435,7 +514,7 @@ def tune(base: SearchConfig | CompressConfig, config: TuneConfig | None = None, 
                 "quiet": quiet})
         with claim:
             summary = write_results(study, out, kind=kind, objective=config.objective, budget_macs=ctx.budget_macs,
-                                    dense_macs=ctx.dense_macs, storage=spec.display)
+                                    dense_macs=ctx.dense_macs, storage=spec.display, latency=latency)
     finally:
         claim.release()
         lock.release()
