@@ -147,6 +147,13 @@ def _cmd_quality(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_speed(args: argparse.Namespace) -> int:
+    from .bench.speed import SpeedConfig, format_speed, run_speed
+
+    print(format_speed(run_speed(config_from_args(SpeedConfig, args))))
+    return 0
+
+
 def _cmd_bench(args: argparse.Namespace) -> int:
     from . import bench
 
@@ -241,6 +248,13 @@ def build_parser() -> argparse.ArgumentParser:
                          "search, self-grouping, pipeline", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add_config_arguments(q, QualityConfig)
     q.set_defaults(func=_cmd_quality)
+    from .bench.speed import SpeedConfig
+
+    q = bench.add_parser("speed", help="latency at equal MAC budgets: our MAC-budget and latency-budget exports vs "
+                         "Torch-Pruning, against dense in its fastest layout (make bench-speed)",
+                         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_config_arguments(q, SpeedConfig)
+    q.set_defaults(func=_cmd_speed)
     return parser
 
 

@@ -1,0 +1,309 @@
+"""Speed at equal budgets: our MAC-budget export, our latency-budget export and Torch-Pruning's channel
+pruning, against the dense model in its fastest memory layout, measured side by side in one run.
+
+For each network (a CIFAR ResNet-56 at 32x32, a ResNet-50 at 224x224; random weights: this
+is about latency), each MAC budget (a share of the dense MACs) and each batch size:
+
+- ``ours-macs``: the DGConv network's gates projected to the MAC budget
+  (``search.project_to_budget`` from all gates on, as the search ends), exported, and
+  every exported layer given its fastest exact form and the model its faster layout on
+  this machine at that batch (``latency.choose_fastest_forms``);
+- ``ours-latency``: the same with a latency budget beside the MAC budget, from a table
+  profiled at that batch (``latency.profile_layers``): the same share of the dense
+  latency as of the MACs (1/2 of the MACs, 1/2 of the time). When the table says no
+  grouping reaches it, the fastest reachable is asked for, and the row says so;
+- ``torch-pruning``: the dense network channel-pruned by Torch-Pruning (L1 magnitude,
+  the classifier kept) at the largest ratio within the same MAC budget.
+
+Gate gradients come from one seeded random batch (at most 64x64: the networks pool
+globally), so among gates of equal cost the choice is arbitrary, as it would be for any
+method on random weights; the costs are what is measured. Every model of one network and
+batch is timed in both layouts, all taking turns within every repetition; each counts in
+its faster layout. MACs are counted by ``count_macs`` on the final models.
+
+Torch-Pruning is not a dependency of nas-grouping: ``make bench-speed`` installs it into
+the benchmark's own folder. Run ``nas-grouping bench speed`` (``--quick`` for a smoke run).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import pandas as pd
+import torch
+from tqdm.auto import tqdm
+
+from ..config import _f
+from ..errors import BudgetError, ConfigError
+from ..macs import count_macs
+from .timing import machine_info, sample_ms
+
+__all__ = ["SpeedConfig", "run_speed", "format_speed", "NETWORKS", "torch_pruning_prune"]
+
+#: network -> (space name, builder keyword arguments, input size)
+NETWORKS: dict[str, tuple[str, dict[str, Any], tuple[int, int, int]]] = {
+    "resnet56": ("resnet56", {"num_classes": 10}, (3, 32, 32)),
+    "resnet50": ("torchvision", {"name": "resnet50", "num_classes": 1000}, (3, 224, 224)),
+}
+METHODS = ("ours-macs", "ours-latency", "torch-pruning")
+
+
+@dataclass
+class SpeedConfig:
+    """`nas-grouping bench speed`: which networks, budgets and batch sizes, and how long to time."""
+
+    networks: Any = _f(["resnet56", "resnet50"], "networks, comma-separated: " + ", ".join(NETWORKS))
+    budgets: Any = _f([0.5, 0.25], "MAC budgets as shares of the dense MACs, comma-separated")
+    batches: Any = _f([1, 32], "batch sizes, comma-separated")
+    repeats: int = _f(10, "timed repetitions of every model (median kept)")
+    warmup: int = _f(2, "untimed calls of every model first")
+    profile_repeats: int = _f(5, "repetitions per candidate when profiling the latency table")
+    seed: int = _f(0, "seed of the weights and the gate-gradient batch")
+    quick: bool = _f(False, "a smoke run: resnet56 only, batches 1 and 4, 2 repetitions")
+    out: str | None = _f(None, "also write the rows as CSV here")
+
+    def __post_init__(self) -> None:
+        for name, cast in (("networks", str), ("budgets", float), ("batches", int)):
+            value = getattr(self, name)
+            if isinstance(value, str):
+                try:
+                    value = [cast(v.strip()) for v in value.split(",") if v.strip()]
+                except ValueError:
+                    raise ConfigError(f"{name}: expected a comma-separated list, got {value!r}") from None
+            setattr(self, name, list(value))
+        if self.quick:
+            self.networks, self.batches, self.repeats, self.warmup, self.profile_repeats = (
+                ["resnet56"], [1, 4], 2, 1, 2)
+        unknown = [n for n in self.networks if n not in NETWORKS]
+        if unknown or not self.networks:
+            raise ConfigError(f"networks: unknown {unknown}; choose from {', '.join(NETWORKS)}")
+        if not self.budgets or any(not 0 < b < 1 for b in self.budgets):
+            raise ConfigError(f"budgets must be shares of the dense MACs in (0, 1), got {self.budgets}")
+        if not self.batches or any(b < 1 for b in self.batches):
+            raise ConfigError(f"batches must be >= 1, got {self.batches}")
+        if self.repeats < 1 or self.warmup < 0 or self.profile_repeats < 1:
+            raise ConfigError("repeats and profile_repeats must be >= 1, warmup >= 0")
+
+
+def _torch_pruning():
+    try:
+        import torch_pruning
+    except ImportError:
+        raise ConfigError("the speed benchmark compares with Torch-Pruning, which is not a dependency of "
+                          "nas-grouping: run `make bench-speed` (installs it into .bench-env/ and runs this), or "
+                          "`pip install torch-pruning` into the benchmark's own environment") from None
+    return torch_pruning
+
+
+def torch_pruning_prune(dense: torch.nn.Module, input_size: tuple[int, ...], budget_macs: int
+                        ) -> tuple[torch.nn.Module, float]:
+    """Torch-Pruning's L1-magnitude channel pruning of ``dense`` at the largest uniform ratio within
+    ``budget_macs`` (bisection on the ratio); the classifier is kept. Returns the model and the ratio."""
+    tp = _torch_pruning()
+    example = torch.randn(1, *input_size)
+    classifier = [m for m in dense.modules() if isinstance(m, torch.nn.Linear)][-1:]
+
+    def prune(ratio: float) -> torch.nn.Module:
+        model = copy.deepcopy(dense).eval()
+        names = {id(m): n for n, m in dense.named_modules()}
+        ignored = [model.get_submodule(names[id(m)]) for m in classifier]
+        pruner = tp.pruner.MetaPruner(model, example, importance=tp.importance.MagnitudeImportance(p=1),
+                                      pruning_ratio=ratio, ignored_layers=ignored)
+        pruner.step()
+        return model
+
+    lo, hi = 0.0, 0.9  # near 1 Torch-Pruning skips groups it would empty, so MACs stop falling
+    if count_macs(prune(hi), input_size) > budget_macs:
+        raise BudgetError(f"Torch-Pruning cannot reach {budget_macs:,} MACs even at ratio {hi}")
+    for _ in range(10):
+        mid = (lo + hi) / 2
+        if count_macs(prune(mid), input_size) <= budget_macs:
+            hi = mid
+        else:
+            lo = mid
+    return prune(hi).eval(), hi
+
+
+def _project(searchable: torch.nn.Module, input_size: tuple[int, ...], budget_macs: int, batches: list,
+             latency: Any = None, budget_ms: float | None = None) -> tuple[torch.nn.Module, bool]:
+    """A copy of ``searchable`` with all gates on, projected to the budgets; whether it met them."""
+    from ..budget import ModelCost
+    from ..convert import dgconv_layers
+    from ..runtime import Runtime
+    from ..search import latency_constraint, project_to_budget
+
+    model = copy.deepcopy(searchable)
+    for _, layer in dgconv_layers(model):
+        layer.set_groups(1)
+    extra = None
+    if latency is not None:
+        latency = copy.copy(latency)
+        latency.layers = [(n, model.get_submodule(n), v) for n, _, v in latency.layers]
+        extra = [latency_constraint(latency, budget_ms)]
+    try:
+        project_to_budget(model, ModelCost(model, input_size), budget_macs, batches, Runtime(torch.device("cpu")),
+                          extra=extra)
+        return model.eval(), True
+    except BudgetError:
+        return model.eval(), False
+
+
+def _grad_batches(searchable: torch.nn.Module, input_size: tuple[int, ...], seed: int) -> list:
+    """One seeded random batch for the gate gradients, at most 64x64 (the networks pool globally)."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(2, input_size[0], min(input_size[1], 64), min(input_size[2], 64), generator=g)
+    with torch.no_grad():
+        classes = searchable.eval()(x[:1]).shape[1]
+    return [(x, torch.randint(0, classes, (2,), generator=g))]
+
+
+def _with_latency_budget(searchable: torch.nn.Module, input_size: tuple[int, ...], budget_macs: int, batches: list,
+                         macs_only: torch.nn.Module, cost: Any, fraction: float, tries: int = 4
+                         ) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """Gates projected to the MAC budget and ``fraction`` of the dense latency by the table ``cost``.
+
+    A latency budget the projection cannot meet together with the MAC budget is relaxed by
+    bisection (``tries`` projections, down from what the MAC-only projection reached) to the
+    tightest one it meets; the note says so.
+    """
+    def predicted(model: torch.nn.Module) -> float:
+        view = copy.copy(cost)
+        view.layers = [(n, model.get_submodule(n), v) for n, _, v in cost.layers]
+        return view.current_ms()
+
+    wanted = fraction * cost.dense_ms
+    lo, hi = max(wanted, cost.minimum_ms), predicted(macs_only)
+    model, best_ms = macs_only, hi
+    for attempt in range(tries):
+        target = lo if attempt == 0 else (lo + hi) / 2
+        if target >= hi:
+            break
+        candidate, met = _project(searchable, input_size, budget_macs, batches, cost, target)
+        if met:
+            model, best_ms, hi = candidate, target, target
+            if attempt == 0:
+                break
+        else:
+            lo = target
+    info = {"table_dense_ms": cost.dense_ms, "budget_ms": best_ms, "predicted_ms": predicted(model)}
+    if best_ms > wanted * 1.0001:
+        info["note"] = (f"{fraction:g} of the dense latency ({wanted:.3f} ms by the table) is out of reach with the "
+                        f"MAC budget; the tightest budget met: {best_ms:.3f} ms")
+    return model, info
+
+
+def _export_fastest(model: torch.nn.Module, input_size: tuple[int, ...], batch: int
+                    ) -> tuple[torch.nn.Module, dict[str, Any]]:
+    from ..convert import dgconv_layers
+    from ..export import export_model
+    from ..latency import choose_fastest_forms
+
+    exported, forms = choose_fastest_forms(export_model(model), input_size, batch=batch)
+    return exported, {"groups": [layer.learned_groups for _, layer in dgconv_layers(model)],
+                      "dense_form_layers": sum(1 for v in forms["layers"].values() if v["form"] == "dense")}
+
+
+def _time(models: dict[str, torch.nn.Module], input_size: tuple[int, ...], batch: int, repeats: int, warmup: int
+          ) -> dict[str, tuple[float, str]]:
+    """Median ms and the faster layout of every model, all in both layouts, taking turns."""
+    fns = {}
+    for name, model in models.items():
+        for layout, fmt in (("nchw", torch.contiguous_format), ("channels_last", torch.channels_last)):
+            m = copy.deepcopy(model).eval().to(memory_format=fmt)
+            x = torch.randn(batch, *input_size).contiguous(memory_format=fmt)
+            fns[name, layout] = (lambda m=m, x=x: m(x))
+    with torch.inference_mode():
+        samples = sample_ms({f"{n}|{lay}": fn for (n, lay), fn in fns.items()}, warmup=warmup, repeats=repeats)
+    out = {}
+    for name in models:
+        ms = {lay: sorted(samples[f"{name}|{lay}"])[len(samples[f"{name}|{lay}"]) // 2] for lay in ("nchw", "channels_last")}
+        layout = min(ms, key=ms.get)
+        out[name] = (ms[layout], layout)
+    return out
+
+
+def run_speed(cfg: SpeedConfig) -> pd.DataFrame:
+    """Build every model, time them side by side per network and batch, and return one row per model."""
+    from search_spaces import get_space
+
+    tp = _torch_pruning()
+    rows: list[dict[str, Any]] = []
+    jobs = [(n, b) for n in cfg.networks for b in cfg.batches]
+    bar = tqdm(total=len(jobs) * (1 + 2 * len(cfg.budgets)) + len(cfg.networks) * len(cfg.budgets),
+               desc="bench speed", leave=False)
+    for net in cfg.networks:
+        space, kwargs, size = NETWORKS[net]
+        torch.manual_seed(cfg.seed)
+        searchable = get_space(space, **kwargs).eval()
+        dense = get_space(space, dense=True, **kwargs).eval()
+        dense.load_state_dict({k: v for k, v in searchable.state_dict().items() if k in dense.state_dict()},
+                              strict=False)
+        dense_macs = count_macs(dense, size)
+        pruned, macs_only = {}, {}
+        batches = _grad_batches(searchable, size, cfg.seed)
+        for budget in cfg.budgets:
+            pruned[budget] = torch_pruning_prune(dense, size, int(budget * dense_macs))
+            macs_only[budget], _ = _project(searchable, size, int(budget * dense_macs), batches)
+            bar.update()
+        for batch in cfg.batches:
+            from ..latency import LatencyCost, profile_layers
+
+            cost = LatencyCost(searchable, profile_layers(searchable, size, batch=batch, repeats=cfg.profile_repeats,
+                                                          warmup=1))
+            models: dict[str, torch.nn.Module] = {"dense": dense}
+            meta: dict[str, dict[str, Any]] = {"dense": {"method": "dense", "budget": 1.0}}
+            for budget in cfg.budgets:
+                budget_macs = int(budget * dense_macs)
+                gated, info = _with_latency_budget(searchable, size, budget_macs, batches, macs_only[budget], cost,
+                                                   budget)
+                for method, chosen, extra in (("ours-macs", macs_only[budget], {}), ("ours-latency", gated, info)):
+                    model, forms = _export_fastest(chosen, size, batch)
+                    models[f"{method}@{budget}"] = model
+                    meta[f"{method}@{budget}"] = {"method": method, "budget": budget, **extra, **forms}
+                bar.update(2)
+                model, ratio = pruned[budget]
+                models[f"torch-pruning@{budget}"] = model
+                meta[f"torch-pruning@{budget}"] = {"method": "torch-pruning", "budget": budget, "ratio": ratio}
+            times = _time(models, size, batch, cfg.repeats, cfg.warmup)
+            bar.update()
+            dense_ms = times["dense"][0]
+            for name, model in models.items():
+                ms, layout = times[name]
+                macs = count_macs(model, size)
+                m = meta[name]
+                rows.append({
+                    "network": net, "input": "x".join(map(str, size)), "batch": batch, "budget": m["budget"],
+                    "method": m["method"], "macs": macs, "mac_reduction": dense_macs / macs,
+                    "budget_met": macs <= int(m["budget"] * dense_macs) or m["method"] == "dense",
+                    "ms": ms, "layout": layout, "speedup": dense_ms / ms,
+                    "speedup_per_mac_reduction": (dense_ms / ms) / (dense_macs / macs),
+                    "latency_budget_ms": m.get("budget_ms"), "predicted_ms": m.get("predicted_ms"),
+                    "table_dense_ms": m.get("table_dense_ms"), "pruning_ratio": m.get("ratio"),
+                    "dense_form_layers": m.get("dense_form_layers"), "note": m.get("note", ""),
+                })
+    bar.close()
+    df = pd.DataFrame(rows)
+    df.attrs.update(machine_info())
+    df.attrs["torch_pruning"] = getattr(tp, "__version__", "?")
+    if cfg.out:
+        df.to_csv(cfg.out, index=False)
+    return df
+
+
+def format_speed(df: pd.DataFrame) -> str:
+    """A Markdown table of the rows, with the machine it was measured on."""
+    lines = [f"measured on {df.attrs.get('device')}, {df.attrs.get('threads')} threads, torch {df.attrs.get('torch')}, "
+             f"Torch-Pruning {df.attrs.get('torch_pruning')}; speed-up against dense in its faster layout",
+             "", "| network | batch | MAC budget | method | MACs (x fewer) | ms (layout) | speed-up | speed-up / MAC "
+             "reduction |", "|---|---|---|---|---|---|---|---|"]
+    for r in df.itertuples():
+        budget = "dense" if r.method == "dense" else f"1/{round(1 / r.budget)}" if math.isclose(
+            1 / r.budget, round(1 / r.budget)) else f"{r.budget:g}"
+        lines.append(f"| {r.network} | {r.batch} | {budget} | {r.method} | {r.macs / 1e6:,.1f}M ({r.mac_reduction:.2f}x)"
+                     f" | {r.ms:.2f} ({'CL' if r.layout == 'channels_last' else 'NCHW'}) | {r.speedup:.2f}x | "
+                     f"{r.speedup_per_mac_reduction:.2f} |")
+    notes = [f"{r.network} b{r.batch} {r.method}@{r.budget:g}: {r.note}" for r in df.itertuples() if r.note]
+    return "\n".join(lines + ([""] + notes if notes else []))
