@@ -14,14 +14,17 @@ __all__ = ["sample_ms", "median_ms", "machine_info"]
 def sample_ms(fns: dict[str, Callable[[], object]], *, warmup: int = 3, repeats: int = 10) -> dict[str, list[float]]:
     """Wall times (ms) of each function. They take turns within every repetition,
     so a noisy neighbour slows all of them alike and the ratios stay fair."""
+    sync = torch.cuda.synchronize if torch.cuda.is_available() and torch.cuda.is_initialized() else (lambda: None)
     for _ in range(warmup):
         for fn in fns.values():
             fn()
     times: dict[str, list[float]] = {k: [] for k in fns}
     for _ in range(repeats):
         for name, fn in fns.items():
+            sync()
             start = time.perf_counter()
             fn()
+            sync()  # GPU kernels run asynchronously: time until they are done, not until they are queued
             times[name].append((time.perf_counter() - start) * 1e3)
     return times
 

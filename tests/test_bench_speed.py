@@ -1,0 +1,59 @@
+"""`nas-grouping bench speed`: settings, the missing Torch-Pruning message, and our two budgeted exports."""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+import torch
+
+from nas_grouping import ConfigError
+from nas_grouping.bench.speed import (
+    SpeedConfig, _export_fastest, _grad_batches, _project, _with_latency_budget, run_speed,
+)
+from nas_grouping.latency import LatencyCost, profile_layers
+from nas_grouping.macs import count_macs
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+
+def test_settings_parse_and_check():
+    cfg = SpeedConfig(networks="resnet56", budgets="0.5, 0.25", batches="1,32")
+    assert cfg.networks == ["resnet56"] and cfg.budgets == [0.5, 0.25] and cfg.batches == [1, 32]
+    quick = SpeedConfig(quick=True)
+    assert quick.networks == ["resnet56"] and quick.batches == [1, 4]
+    with pytest.raises(ConfigError, match="unknown"):
+        SpeedConfig(networks="vgg")
+    with pytest.raises(ConfigError, match="shares"):
+        SpeedConfig(budgets="1.5")
+    with pytest.raises(ConfigError, match="batches"):
+        SpeedConfig(batches="0")
+
+
+def test_missing_torch_pruning_says_how_to_get_it(monkeypatch):
+    monkeypatch.setitem(sys.modules, "torch_pruning", None)
+    with pytest.raises(ConfigError, match="make bench-speed"):
+        run_speed(SpeedConfig(quick=True))
+
+
+def test_mac_and_latency_budgeted_exports_meet_the_mac_budget():
+    from search_spaces import get_space
+
+    torch.manual_seed(0)
+    size = (1, 8, 8)
+    searchable = get_space("digits_convnet", widths=[8, 8, 16, 16, 16, 16]).eval()
+    dense_macs = count_macs(get_space("digits_convnet", widths=[8, 8, 16, 16, 16, 16], dense=True), size)
+    budget = dense_macs // 2
+    batches = _grad_batches(searchable, size, seed=0)
+    macs_only, met = _project(searchable, size, budget, batches)
+    assert met and count_macs(macs_only, size) <= budget
+    cost = LatencyCost(searchable, profile_layers(searchable, size, batch=1, repeats=2, warmup=1))
+    gated, info = _with_latency_budget(searchable, size, budget, batches, macs_only, cost, 0.01, tries=2)
+    assert count_macs(gated, size) <= budget
+    assert info["budget_ms"] >= 0.01 * cost.dense_ms and "out of reach" in info["note"]  # 1% cannot be met
+    assert info["predicted_ms"] <= info["budget_ms"] * 1.0001
+    exported, forms = _export_fastest(gated, size, batch=1)
+    x = torch.randn(4, *size)
+    with torch.no_grad():
+        assert torch.allclose(exported(x), gated.eval()(x), atol=1e-4)
+    assert len(forms["groups"]) == len([m for m in gated.modules() if type(m).__name__ == "DGConv2d"])
