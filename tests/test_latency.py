@@ -15,6 +15,8 @@ from nas_grouping.latency import (LatencyDeviceWarning, LatencyTable, choose_fas
 from nas_grouping.ops.group_conv import PermutedGroupConv2d
 from search_spaces import get_space
 
+from helpers import halving_table
+
 SMALL = {"widths": [8, 8, 16, 16, 16, 16]}
 
 
@@ -144,10 +146,7 @@ def test_search_with_a_latency_budget_meets_it_on_the_table_and_reports_the_meas
     from nas_grouping.search import search
 
     # a table where grouping pays (on this CPU it does not for 8-16 channels: see the next test's measurement)
-    names = [n for n, _ in dgconv_layers(get_space("digits_convnet", **SMALL))]
-    rows = [{"layer": name, "groups": 2**n, "form": "grouped", "ms": 1.0 / 2**n} for name in names for n in range(5)]
-    path = LatencyTable(meta={"model_ms": 1.0 + len(names), "batch": 1, "device": "test"}, rows=rows).save(
-        tmp_path / "table.json")
+    path = halving_table(tmp_path / "table.json", SMALL)
     cfg = SearchConfig(space="digits_convnet", space_kwargs=SMALL, epochs=3, warmup_epochs=1, finetune_epochs=1,
                        budget=1.0, latency_budget="0.6", latency_table=str(path), progress=False,
                        measure_latency=False, out=str(tmp_path / "run"), data=DataConfig(batch_size=128))

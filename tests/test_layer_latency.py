@@ -14,9 +14,11 @@ from torch import nn
 from nas_grouping import ConfigError, count_macs, dgconv_layers, export_model
 from nas_grouping.layer_latency import (LAYOUTS, REST, WHOLE, _capture_inputs, _timed_layers, layer_latency,
                                         summary_from_layers, write_layer_latency)
-from nas_grouping.latency import LatencyDeviceWarning, LatencyTable
+from nas_grouping.latency import LatencyDeviceWarning
 from nas_grouping.ops.group_conv import PermutedGroupConv2d
 from search_spaces import get_space
+
+from helpers import halving_table
 
 SMALL = {"widths": [8, 8, 16, 16, 16, 16]}
 SIZE = (1, 8, 8)
@@ -225,9 +227,7 @@ def test_search_writes_the_per_layer_latency_with_table_predictions(tmp_path):
     from nas_grouping.search import search
 
     names = [n for n, _ in dgconv_layers(get_space("digits_convnet", **SMALL))]
-    rows = [{"layer": n, "groups": 2**k, "form": "grouped", "ms": 1.0 / 2**k} for n in names for k in range(5)]
-    table = LatencyTable(meta={"model_ms": 1.0 + len(names), "batch": 1, "device": "test"}, rows=rows).save(
-        tmp_path / "table.json")
+    table = halving_table(tmp_path / "table.json", SMALL)
     cfg = SearchConfig(space="digits_convnet", space_kwargs=SMALL, epochs=2, warmup_epochs=1, finetune_epochs=0,
                        budget=1.0, latency_budget="0.9", latency_table=str(table), progress=False,
                        measure_latency=True, out=str(tmp_path / "run"), data=DataConfig(batch_size=128))
