@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from torch import nn
 
@@ -20,7 +22,7 @@ def randomize_bn(model: nn.Module, seed: int = 0) -> nn.Module:
     return model
 
 
-def halving_table(path, space_kwargs: dict) -> "Path":
+def halving_table(path: str | Path, space_kwargs: dict) -> Path:
     """A fake search latency table of ``digits_convnet`` where every layer's time halves with each group
     doubling (on this CPU it does not for 8-16 channels), saved at ``path``; returns the path."""
     from nas_grouping import dgconv_layers
