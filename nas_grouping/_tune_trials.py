@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .config import CompressConfig, SearchConfig
-from .errors import ConfigError
+from .errors import ConfigError, ExportError
 from ._tune_knobs import BUDGET, SHARE, Knob, apply_knobs, project_shares, share_param
 
 __all__ = ["TrialContext", "make_objective", "CONSTRAINT", "LATENCY_CONSTRAINT", "trial_dir_name", "model_latency_ms"]
@@ -129,7 +129,7 @@ def _trial_latency(ctx: TrialContext, run_dir: Path) -> tuple[float, str]:
 
     folder = run_dir / "model"
     if not (folder / "architecture.json").is_file():
-        raise RuntimeError(f"the trial saved no model in {folder}, so its latency cannot be measured")
+        raise ExportError(f"the trial saved no model in {folder}, so its latency cannot be measured")
     return model_latency_ms(load_model(folder), ctx.input_size, ctx.latency_batch)
 
 
