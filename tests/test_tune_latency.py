@@ -18,6 +18,7 @@ import pytest
 import torch
 from optuna.trial import TrialState
 
+import nas_grouping._tune_trials as trials_mod
 import nas_grouping.search as search_mod
 import nas_grouping.tune as tune_mod
 from nas_grouping import ConfigError
@@ -26,6 +27,7 @@ from nas_grouping.cli import main
 from nas_grouping.config import CompressConfig, SearchConfig, TuneConfig
 from nas_grouping.data import DataConfig
 from nas_grouping.export import save_model
+from nas_grouping.macs import count_macs
 from nas_grouping.tune import LATENCY_ATTR, tune
 
 SMALL = {"widths": [8, 8, 16, 16, 16, 16]}
@@ -208,6 +210,9 @@ def test_pareto_latency_trades_accuracy_against_measured_latency(tmp_path, wide_
 
 def test_pareto_latency_front_holds_only_trials_within_the_latency_budget(tmp_path, wide_search, monkeypatch):
     monkeypatch.setattr(tune_mod, "model_latency_ms", lambda model, size, batch: (100.0, "nchw"))
+    # trial "latency" proportional to MACs: the two studies below see the same numbers, whatever the machine's load
+    monkeypatch.setattr(trials_mod, "model_latency_ms",
+                        lambda model, size, batch: (count_macs(model, size) / 1e6, "nchw"))
     enqueue = [{"lr": lr, "reg_strength": 0.5, "gate_lr": 0.03} for lr in (0.16, 0.01)]
     trials_probe = tune(job(tmp_path, "probe"), TuneConfig(trials=2, objective="pareto-latency", enqueue=enqueue,
                                                            knobs={"budget": None}), quiet=True)
