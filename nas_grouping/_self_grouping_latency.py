@@ -28,8 +28,8 @@ from ._self_grouping_cluster import balance_labels, centroid_prune, kmeans_label
 from ._self_grouping_layers import Prunable
 from .bench.timing import median_ms
 from .errors import BudgetError, ConfigError
-from .latency import LatencyTable, _input_layout, _layer_inputs, _set_layout, device_name, measure_ms, \
-    parse_latency_budget
+from .latency import LatencyTable, _input_layout, _layer_inputs, _set_layout, measure_ms, parse_latency_budget, \
+    table_meta
 from .macs import check_input_size
 from .ops.diverse_group import FORMS
 
@@ -102,10 +102,8 @@ def profile_self_grouping(model: nn.Module, input_size: Sequence[int], config: "
                  "clusters": lp.clusters}
         rows += [{**shape, "fraction": f, "form": form, "ms": ms} for (f, form), ms in t.items()]
     model_ms = measure_ms(model, size, batch=batch, layouts=(layout,), repeats=repeats, warmup=warmup)[layout]
-    meta = {"pass": PASS_NAME, "device": device_name(next(model.parameters()).device), "torch": torch.__version__,
-            "threads": torch.get_num_threads(), "batch": batch, "input_size": list(size), "layout": layout,
-            "repeats": repeats, "warmup": warmup, "statistic": "median", "model_ms": model_ms,
-            "settings": _settings(cfg)}
+    meta = {"pass": PASS_NAME, **table_meta(model, size, batch=batch, layout=layout, repeats=repeats, warmup=warmup,
+                                            model_ms=model_ms), "settings": _settings(cfg)}
     return LatencyTable(meta=meta, rows=rows)
 
 

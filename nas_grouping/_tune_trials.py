@@ -114,13 +114,12 @@ def _describe(params: dict[str, Any]) -> str:
 def model_latency_ms(model: Any, input_size: tuple[int, ...], batch: int) -> tuple[float, str]:
     """(ms, layout): ``model``'s inference latency on this machine's CPU in its fastest exact forms, at
     ``batch``: the forms and layout ``choose_fastest_forms`` picks, then the faster layout's median."""
-    from .latency import choose_fastest_forms, measure_ms
+    from .latency import choose_fastest_forms, fastest_layouts
 
     model = model.to("cpu").eval()
     fastest, _ = choose_fastest_forms(model, input_size, batch=batch)
-    times = measure_ms(fastest, input_size, batch=batch, layouts=("nchw", "channels_last"))
-    layout = min(times, key=times.get)
-    return float(times[layout]), layout
+    layout, ms = fastest_layouts({"model": fastest}, input_size, batch=batch)["model"]
+    return float(ms), layout
 
 
 def _trial_latency(ctx: TrialContext, run_dir: Path) -> tuple[float, str]:

@@ -27,14 +27,13 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .bench.timing import sample_ms
 from .config import CompressConfig, check_same_settings, config_to_dict
 from .data import load_datasets
 from .errors import ConfigError, ExportError
 from ._self_grouping_latency import profile_self_grouping
 from .export import RECIPE_ATTR, load_model, save_model
-from .latency import LatencyTable, choose_fastest_forms, measure_ms
-from .layer_latency import WHOLE, layer_latency, write_layer_latency
+from .latency import LAYOUTS, LatencyTable, choose_fastest_forms, sample_models
+from .layer_latency import WHOLE, layer_latency, summary_from_layers, write_layer_latency
 from .macs import count_macs, count_parameters, layer_macs
 from .report import read_json, write_json
 from .runtime import Runtime, setup_runtime
@@ -143,23 +142,14 @@ def measure_latency(models: dict[str, nn.Module], input_size: Sequence[int], bat
     fastest single call in that layout, a cross-check when other work shares the machine.
     """
     rows = []
-    copies = {}
-    for name, model in models.items():
-        m = copy.deepcopy(model).cpu().eval()
-        copies[name, "nchw"] = m
-        copies[name, "channels_last"] = copy.deepcopy(m).to(memory_format=torch.channels_last)
-    with torch.inference_mode():
-        for batch in batch_sizes:
-            x = torch.randn(batch, *input_size)
-            inputs = {"nchw": x, "channels_last": x.contiguous(memory_format=torch.channels_last)}
-            fns = {f"{name}|{layout}": (lambda m=m, xi=inputs[layout]: m(xi)) for (name, layout), m in copies.items()}
-            samples = sample_ms(fns, warmup=warmup, repeats=repeats)
-            ms = {k: statistics.median(v) for k, v in samples.items()}
-            for name in models:
-                nchw, cl = ms[f"{name}|nchw"], ms[f"{name}|channels_last"]
-                layout = "nchw" if nchw <= cl else "channels_last"
-                rows.append({"batch": batch, "model": name, "nchw_ms": nchw, "channels_last_ms": cl,
-                             "ms": min(nchw, cl), "layout": layout, "min_ms": min(samples[f"{name}|{layout}"])})
+    cpu = {name: copy.deepcopy(model).cpu() for name, model in models.items()}
+    for batch in batch_sizes:
+        samples = sample_models(cpu, input_size, batch=batch, repeats=repeats, warmup=warmup)
+        for name in models:
+            nchw, cl = (statistics.median(samples[name, layout]) for layout in LAYOUTS)
+            layout = "nchw" if nchw <= cl else "channels_last"
+            rows.append({"batch": batch, "model": name, "nchw_ms": nchw, "channels_last_ms": cl,
+                         "ms": min(nchw, cl), "layout": layout, "min_ms": min(samples[name, layout])})
     return rows
 
 
@@ -261,14 +251,13 @@ def _latency_table(cfg: CompressConfig, model: nn.Module, input_size: Sequence[i
     return LatencyTable.load(saved)
 
 
-def _latency_summary(plan: GroupingPlan, compressed: nn.Module, input_size: Sequence[int],
-                     cfg: CompressConfig) -> dict[str, Any]:
-    """The plan's predicted latency beside the compressed model's measured one (latency budgets)."""
-    if plan.latency is None or not cfg.latency_batches:
+def _latency_summary(plan: GroupingPlan, per_layer: pd.DataFrame | None) -> dict[str, Any]:
+    """The plan's predicted latency beside the compressed model's measured one (latency budgets), the
+    measurement being the per-layer report's whole-model row at the plan's batch."""
+    if plan.latency is None or per_layer is None:
         return {}
     lat = plan.latency
-    measured = min(measure_ms(compressed, input_size, batch=lat["batch"], layouts=("nchw", "channels_last"),
-                              repeats=cfg.latency_repeats).values())
+    measured = summary_from_layers(per_layer)[f"batch_{lat['batch']}"]["exported_ms"]
     return {"latency_budget_ms": lat["budget_ms"], "latency_predicted_ms": lat["predicted_ms"],
             "latency_measured_ms": measured, "latency_prediction_error": (lat["predicted_ms"] - measured) / measured,
             "latency_input_ms_table": lat["input_ms"], "latency_batch": lat["batch"],
@@ -351,7 +340,7 @@ def compress(cfg: CompressConfig, *, resume: bool = False) -> CompressResult:
         "latency": latency, "speedup": speedup, "threads": torch.get_num_threads(),
         "export_choice": None if forms is None else {"batch": forms["batch"], "layout": forms["layout"], "forms": {
             name: row["form"] for name, row in forms["layers"].items()}},
-        **_latency_summary(plan, compressed_cpu, input_size, cfg),
+        **_latency_summary(plan, per_layer),
         "layers_latency_file": None if per_layer is None else "latency_layers.csv",
         "device": str(rt.device), "wall_time_s": time.perf_counter() - start,
     }

@@ -19,6 +19,7 @@ import copy
 import json
 import math
 import platform
+import statistics
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,7 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from ._io import atomic_write
-from .bench.timing import median_ms
+from .bench.timing import median_ms, sample_ms
 from .convert import dgconv_layers
 from .errors import BudgetError, ConfigError
 from .export import LAYERS_ATTR, LAYOUT_ATTR, export_model, replace_layer
@@ -36,8 +37,12 @@ from .macs import check_input_size
 from .ops.dgconv import DGConv2d
 from .ops.group_conv import PermutedGroupConv2d
 
-__all__ = ["device_name", "measure_ms", "choose_fastest_forms", "latency_report", "LatencyTable",
+__all__ = ["device_name", "measured_on", "table_meta", "sample_models", "fastest_layouts", "measure_ms", "choose_fastest_forms", "latency_report", "LatencyTable",
            "profile_layers", "LatencyCost", "parse_latency_budget", "LatencyDeviceWarning"]
+
+#: the memory layouts every model is timed in; it counts in the faster one
+LAYOUTS = ("nchw", "channels_last")
+
 
 class LatencyDeviceWarning(UserWarning):
     """A latency table measured on another device, torch version or thread count."""
@@ -48,6 +53,11 @@ def device_name(device: torch.device | str = "cpu") -> str:
     if dev.type == "cuda":
         return torch.cuda.get_device_name(dev)
     return f"cpu:{platform.processor() or platform.machine()}"
+
+
+def measured_on(device: torch.device | str = "cpu") -> dict[str, Any]:
+    """Where a time was measured: device name, thread count, torch version (what a table is keyed by)."""
+    return {"device": device_name(device), "threads": torch.get_num_threads(), "torch": torch.__version__}
 
 
 def _set_layout(model: nn.Module, layout: str) -> nn.Module:
@@ -62,24 +72,41 @@ def _input(input_size: Sequence[int], batch: int, layout: str, like: nn.Module) 
     return x.contiguous(memory_format=torch.channels_last) if layout == "channels_last" and x.dim() == 4 else x
 
 
+def sample_models(models: dict[str, nn.Module], input_size: Sequence[int], *, batch: int = 1,
+                  layouts: Sequence[str] = LAYOUTS, repeats: int = 10, warmup: int = 3
+                  ) -> dict[tuple[str, str], list[float]]:
+    """Wall times (ms) of every model in every layout, keyed (name, layout); all take turns, so a noisy
+    neighbour slows them alike (``bench.timing.sample_ms``)."""
+    size = check_input_size(input_size)
+    fns = {}
+    for name, model in models.items():
+        for layout in layouts:
+            m = _set_layout(copy.deepcopy(model).eval(), layout)  # outside inference mode: parameters stay normal
+            fns[name, layout] = (lambda m=m, x=_input(size, batch, layout, m): m(x))
+    with torch.inference_mode():
+        return sample_ms(fns, warmup=warmup, repeats=repeats)
+
+
+def fastest_layouts(models: dict[str, nn.Module], input_size: Sequence[int], *, batch: int = 1, repeats: int = 10,
+                    warmup: int = 3) -> dict[str, tuple[str, float]]:
+    """(faster layout, its median ms) of every model, all models in both layouts measured side by side."""
+    t = {k: statistics.median(v) for k, v in sample_models(models, input_size, batch=batch, repeats=repeats,
+                                                             warmup=warmup).items()}
+    best = {name: min(LAYOUTS, key=lambda lay: t[name, lay]) for name in models}
+    return {name: (layout, t[name, layout]) for name, layout in best.items()}
+
+
 def measure_ms(model: nn.Module, input_size: Sequence[int], *, batch: int = 1, layouts: Sequence[str] = ("nchw",),
                repeats: int = 10, warmup: int = 3) -> dict[str, float]:
     """Median inference latency (ms) of ``model`` in each memory layout, measured side by side."""
-    size = check_input_size(input_size)
-    fns = {}
-    for layout in layouts:
-        m = _set_layout(copy.deepcopy(model).eval(), layout)
-        x = _input(size, batch, layout, m)
-        fns[layout] = (lambda m=m, x=x: m(x))
-    with torch.inference_mode():
-        return median_ms(fns, warmup=warmup, repeats=repeats)
+    samples = sample_models({"model": model}, input_size, batch=batch, layouts=layouts, repeats=repeats,
+                            warmup=warmup)
+    return {layout: statistics.median(v) for (_, layout), v in samples.items()}
 
 
 def _input_layout(model: nn.Module, input_size: Sequence[int], batch: int, repeats: int, warmup: int) -> str:
     """The memory layout in which the whole ``model`` runs faster at ``batch``."""
-    whole = measure_ms(model, input_size, batch=batch, layouts=("nchw", "channels_last"), repeats=repeats,
-                       warmup=warmup)
-    return min(whole, key=whole.get)
+    return fastest_layouts({"model": model}, input_size, batch=batch, repeats=repeats, warmup=warmup)["model"][0]
 
 
 def _with_forms(layer: nn.Module) -> tuple[nn.Module, tuple[str, ...]] | None:
@@ -129,15 +156,14 @@ def choose_fastest_forms(model: nn.Module, input_size: Sequence[int], *, batch: 
     size = check_input_size(input_size)
     target = model if inplace else copy.deepcopy(model)
     target.eval()
-    whole = measure_ms(target, size, batch=batch, layouts=("nchw", "channels_last"), repeats=repeats,
+    whole = measure_ms(target, size, batch=batch, layouts=LAYOUTS, repeats=repeats,
                        warmup=warmup)
     layout = min(whole, key=whole.get)
     _set_layout(target, layout)
     layers = _exported_layers(target)
     inputs = _layer_inputs(target, [n for n, _ in layers], size, batch, layout)
     report: dict[str, Any] = {"batch": batch, "layout": layout, "model_ms": whole, "layers": {},
-                              "device": device_name(next(target.parameters()).device),
-                              "threads": torch.get_num_threads(), "torch": torch.__version__}
+                              **measured_on(next(target.parameters()).device)}
     for name, layer in layers:
         if name not in inputs:
             continue
@@ -182,14 +208,12 @@ def parse_latency_budget(text: str | float, dense_ms: float) -> float:
 def latency_report(dense: nn.Module, exported: nn.Module, input_size: Sequence[int], *,
                    batches: Sequence[int] = (1, 32), repeats: int = 10) -> dict[str, Any]:
     """Measured latency of the dense and the exported model, side by side, each in its fastest layout."""
-    out: dict[str, Any] = {"device": device_name(next(exported.parameters()).device),
-                           "threads": torch.get_num_threads(), "torch": torch.__version__}
+    out: dict[str, Any] = measured_on(next(exported.parameters()).device)
     for batch in batches:
-        d = measure_ms(dense, input_size, batch=batch, layouts=("nchw", "channels_last"), repeats=repeats)
-        e = measure_ms(exported, input_size, batch=batch, layouts=("nchw", "channels_last"), repeats=repeats)
-        out[f"batch_{batch}"] = {"dense_ms": min(d.values()), "dense_layout": min(d, key=d.get),
-                                 "exported_ms": min(e.values()), "exported_layout": min(e, key=e.get),
-                                 "speedup": min(d.values()) / min(e.values())}
+        t = fastest_layouts({"dense": dense, "exported": exported}, input_size, batch=batch, repeats=repeats)
+        (d_layout, d), (e_layout, e) = t["dense"], t["exported"]
+        out[f"batch_{batch}"] = {"dense_ms": d, "dense_layout": d_layout, "exported_ms": e,
+                                 "exported_layout": e_layout, "speedup": d / e}
     return out
 
 
@@ -238,7 +262,7 @@ class LatencyTable:
             table = cls(meta=data["meta"], rows=data["rows"])
         except (ValueError, KeyError, TypeError) as exc:
             raise ConfigError(f"{path} is not a latency table written by nas-grouping: {exc}") from exc
-        here = {"device": device_name(device), "torch": torch.__version__, "threads": torch.get_num_threads()}
+        here = measured_on(device)
         differs = {k: (table.meta.get(k), v) for k, v in here.items() if table.meta.get(k) != v}
         if differs:
             detail = ", ".join(f"{k}: table {a!r}, here {b!r}" for k, (a, b) in differs.items())
@@ -292,10 +316,15 @@ def profile_layers(model: nn.Module, input_size: Sequence[int], *, batch: int = 
         layer.set_groups(1)
     model_ms = measure_ms(export_model(dense), size, batch=batch, layouts=(layout,), repeats=repeats,
                           warmup=warmup)[layout]
-    meta = {"device": device_name(next(model.parameters()).device), "torch": torch.__version__,
-            "threads": torch.get_num_threads(), "batch": batch, "input_size": list(size), "layout": layout,
-            "repeats": repeats, "warmup": warmup, "statistic": "median", "model_ms": model_ms}
+    meta = table_meta(model, size, batch=batch, layout=layout, repeats=repeats, warmup=warmup, model_ms=model_ms)
     return LatencyTable(meta=meta, rows=rows)
+
+
+def table_meta(model: nn.Module, input_size: Sequence[int], *, batch: int, layout: str, repeats: int, warmup: int,
+               model_ms: float) -> dict[str, Any]:
+    """The ``meta`` of a profiled latency table: where and how it was measured, and the whole model's time."""
+    return {**measured_on(next(model.parameters()).device), "batch": batch, "input_size": list(input_size),
+            "layout": layout, "repeats": repeats, "warmup": warmup, "statistic": "median", "model_ms": model_ms}
 
 
 class LatencyCost:

@@ -16,7 +16,7 @@ import copy
 import json
 import math
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import pandas as pd
 import torch
@@ -26,18 +26,17 @@ from torch.nn.modules.conv import _ConvNd
 from ._io import atomic_write
 from .bench.timing import median_ms
 from .errors import ConfigError
-from .latency import _input, _set_layout, device_name
+from .latency import LAYOUTS, _input, _set_layout, fastest_layouts, measured_on
 from .macs import check_input_size, count_macs, layer_macs
 from .ops.dgconv import DGConv2d
 from .ops.diverse_group import DiverseGroupConv2d, DiverseGroupLinear
 from .ops.group_conv import PermutedGroupConv2d
 
-__all__ = ["layer_latency", "plot_layer_latency", "write_layer_latency", "whole_model_latency", "summary_from_layers",
+__all__ = ["layer_latency", "plot_layer_latency", "write_layer_latency", "summary_from_layers",
            "WHOLE", "REST", "LAYOUTS"]
 
 WHOLE = "(whole model)"
 REST = "(rest)"
-LAYOUTS = ("nchw", "channels_last")
 FILE_STEM = "latency_layers"
 #: layer types timed as one unit (their inner convolutions are not timed again)
 UNIT_LAYERS = (PermutedGroupConv2d, DiverseGroupConv2d, DiverseGroupLinear, DGConv2d)
@@ -68,20 +67,9 @@ def _check_batches(batches: Sequence[int]) -> tuple[int, ...]:
     return out
 
 
-def _sync(device: torch.device) -> Callable[[], None]:
-    return torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-
-
 def _device(model: nn.Module) -> torch.device:
     ref = next(model.parameters(), None)
     return ref.device if ref is not None else torch.device("cpu")
-
-
-def _timed(fn: Callable[[], object], sync: Callable[[], None]) -> Callable[[], None]:
-    def run() -> None:
-        fn()
-        sync()
-    return run
 
 
 def _capture_inputs(model: nn.Module, names: Sequence[str], x: Tensor) -> dict[str, Tensor]:
@@ -137,7 +125,6 @@ def layer_latency(dense: nn.Module, exported: nn.Module, input_size: Sequence[in
             raise ConfigError(f"layer_latency: predicted times for layers the models do not have: {unknown}; "
                               f"layers: {names}")
     device = _device(models["exported"])
-    sync = _sync(device)
     nan = float("nan")
     rows: dict[str, dict[str, Any]] = {}
     for n in names:
@@ -154,14 +141,14 @@ def layer_latency(dense: nn.Module, exported: nn.Module, input_size: Sequence[in
     rest: dict[str, Any] = {**whole, "layer": REST}
     layouts: dict[str, dict[str, str]] = {}
     for b in batch_list:
-        best = whole_model_latency(models, size, b, repeats=repeats, warmup=warmup, sync=sync)
+        best = fastest_layouts(models, size, batch=b, repeats=repeats, warmup=warmup)
         layouts[f"b{b}"] = {k: v[0] for k, v in best.items()}
         for k, m in models.items():
             _set_layout(m, best[k][0])  # outside inference mode: parameters must stay normal tensors
         with torch.inference_mode():
             inputs = {k: _capture_inputs(m, used[k], _input(size, b, best[k][0], m)) for k, m in models.items()}
             for n in names:
-                fns = {k: _timed(lambda mod=layers[k][n], x=inputs[k][n]: mod(x), sync)
+                fns = {k: (lambda mod=layers[k][n], x=inputs[k][n]: mod(x))
                        for k in models if n in inputs[k]}
                 t = median_ms(fns, warmup=warmup, repeats=repeats)
                 rows[n][f"dense_ms_b{b}"] = t.get("dense", nan)
@@ -184,29 +171,10 @@ def layer_latency(dense: nn.Module, exported: nn.Module, input_size: Sequence[in
         df[f"predicted_ms_b{pb}"] = [float(predicted[n]) if n in predicted else nan for n in df["layer"]]
         measured = df[f"exported_ms_b{pb}"]
         df[f"prediction_error_b{pb}"] = (df[f"predicted_ms_b{pb}"] - measured) / measured
-    df.attrs.update({"device": device_name(device), "threads": torch.get_num_threads(), "torch": torch.__version__,
-                     "input_size": list(size), "batches": list(batch_list), "layouts": layouts,
+    df.attrs.update({**measured_on(device), "input_size": list(size), "batches": list(batch_list), "layouts": layouts,
                      "repeats": repeats, "warmup": warmup, "statistic": "median",
                      "predicted_batch": predicted_batch if predicted is not None else None})
     return df
-
-
-def whole_model_latency(models: dict[str, nn.Module], size: tuple[int, ...], batch: int, *, repeats: int = 10,
-                        warmup: int = 3, sync: Callable[[], None] | None = None) -> dict[str, tuple[str, float]]:
-    """(faster layout, its median ms) of each model, every model in every layout timed in turn."""
-    sync = sync or _sync(_device(next(iter(models.values()))))
-    fns = {}
-    for k, model in models.items():
-        for layout in LAYOUTS:
-            m = _set_layout(copy.deepcopy(model).eval(), layout)
-            fns[(k, layout)] = _timed(lambda m=m, x=_input(size, batch, layout, m): m(x), sync)
-    with torch.inference_mode():
-        t = median_ms(fns, warmup=warmup, repeats=repeats)
-    out = {}
-    for k in models:
-        layout = min(LAYOUTS, key=lambda lay: t[(k, lay)])
-        out[k] = (layout, t[(k, layout)])
-    return out
 
 
 def summary_from_layers(df: pd.DataFrame) -> dict[str, Any]:

@@ -204,7 +204,7 @@ def _reference_model(ctx: TrialContext) -> tuple[Any, str]:
 def _latency_reference(study: Any, ctx: TrialContext, config: TuneConfig, *, measure: bool) -> dict[str, Any] | None:
     """Set the context's reference and budget (ms) from the study, measuring the reference first when the study
     has none yet (once per study: workers and resumed runs reuse it). None when latency is not measured."""
-    from .latency import device_name, parse_latency_budget
+    from .latency import device_name, measured_on, parse_latency_budget
 
     if not ctx.measure_latency:
         return None
@@ -213,12 +213,9 @@ def _latency_reference(study: Any, ctx: TrialContext, config: TuneConfig, *, mea
         if not measure:
             raise RuntimeError(f"study {study.study_name!r} holds no dense reference latency; the tune call that "
                                "starts the workers measures it")
-        import torch
-
         model, what = _reference_model(ctx)
         ms, layout = model_latency_ms(model, ctx.input_size, ctx.latency_batch)
-        ref = {"ms": ms, "layout": layout, "batch": ctx.latency_batch, "model": what, "device": device_name("cpu"),
-               "threads": torch.get_num_threads(), "torch": torch.__version__}
+        ref = {"ms": ms, "layout": layout, "batch": ctx.latency_batch, "model": what, **measured_on("cpu")}
         study.set_user_attr(LATENCY_ATTR, ref)
         ctx.say(f"dense reference latency ({what}, batch {ctx.latency_batch}, {layout}): {ms:.3f} ms")
     elif ref.get("device") != device_name("cpu"):

@@ -119,6 +119,7 @@ def pin_fastest_forms(model: nn.Module, input_size: Sequence[int], batch: int, *
     _, report = choose_fastest_forms(model, input_size, batch=batch, repeats=repeats, warmup=warmup, inplace=True)
     return {name: row["form"] for name, row in report["layers"].items()}
 
+
 def _bench_latency(network: str, width: int, fractions: Sequence[float], batch_sizes: Sequence[int],
                    variants: Sequence[str] | None, pinned: Sequence[str], repeats: int, warmup: int,
                    kmeans_restarts: int, seed: int) -> list[dict[str, Any]]:

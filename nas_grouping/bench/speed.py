@@ -38,8 +38,9 @@ from tqdm.auto import tqdm
 
 from ..config import _f
 from ..errors import BudgetError, ConfigError
+from ..latency import LatencyCost, choose_fastest_forms, fastest_layouts, profile_layers
 from ..macs import count_macs
-from .timing import machine_info, sample_ms
+from .timing import machine_info
 
 __all__ = ["SpeedConfig", "run_speed", "format_speed", "NETWORKS", "torch_pruning_prune"]
 
@@ -127,6 +128,13 @@ def torch_pruning_prune(dense: torch.nn.Module, input_size: tuple[int, ...], bud
     return prune(hi).eval(), hi
 
 
+def _bound(cost: LatencyCost, model: torch.nn.Module) -> LatencyCost:
+    """``cost`` (a table's per-layer times) reading the gates of ``model``, a copy of the one it was made for."""
+    view = copy.copy(cost)
+    view.layers = [(n, model.get_submodule(n), v) for n, _, v in cost.layers]
+    return view
+
+
 def _project(searchable: torch.nn.Module, input_size: tuple[int, ...], budget_macs: int, batches: list,
              latency: Any = None, budget_ms: float | None = None) -> tuple[torch.nn.Module, bool]:
     """A copy of ``searchable`` with all gates on, projected to the budgets; whether it met them."""
@@ -140,9 +148,7 @@ def _project(searchable: torch.nn.Module, input_size: tuple[int, ...], budget_ma
         layer.set_groups(1)
     extra = None
     if latency is not None:
-        latency = copy.copy(latency)
-        latency.layers = [(n, model.get_submodule(n), v) for n, _, v in latency.layers]
-        extra = [latency_constraint(latency, budget_ms)]
+        extra = [latency_constraint(_bound(latency, model), budget_ms)]
     try:
         project_to_budget(model, ModelCost(model, input_size), budget_macs, batches, Runtime(torch.device("cpu")),
                           extra=extra)
@@ -170,9 +176,7 @@ def _with_latency_budget(searchable: torch.nn.Module, input_size: tuple[int, ...
     tightest one it meets; the note says so.
     """
     def predicted(model: torch.nn.Module) -> float:
-        view = copy.copy(cost)
-        view.layers = [(n, model.get_submodule(n), v) for n, _, v in cost.layers]
-        return view.current_ms()
+        return _bound(cost, model).current_ms()
 
     wanted = fraction * cost.dense_ms
     lo, hi = max(wanted, cost.minimum_ms), predicted(macs_only)
@@ -199,30 +203,10 @@ def _export_fastest(model: torch.nn.Module, input_size: tuple[int, ...], batch: 
                     ) -> tuple[torch.nn.Module, dict[str, Any]]:
     from ..convert import dgconv_layers
     from ..export import export_model
-    from ..latency import choose_fastest_forms
 
     exported, forms = choose_fastest_forms(export_model(model), input_size, batch=batch)
     return exported, {"groups": [layer.learned_groups for _, layer in dgconv_layers(model)],
                       "dense_form_layers": sum(1 for v in forms["layers"].values() if v["form"] == "dense")}
-
-
-def _time(models: dict[str, torch.nn.Module], input_size: tuple[int, ...], batch: int, repeats: int, warmup: int
-          ) -> dict[str, tuple[float, str]]:
-    """Median ms and the faster layout of every model, all in both layouts, taking turns."""
-    fns = {}
-    for name, model in models.items():
-        for layout, fmt in (("nchw", torch.contiguous_format), ("channels_last", torch.channels_last)):
-            m = copy.deepcopy(model).eval().to(memory_format=fmt)
-            x = torch.randn(batch, *input_size).contiguous(memory_format=fmt)
-            fns[name, layout] = (lambda m=m, x=x: m(x))
-    with torch.inference_mode():
-        samples = sample_ms({f"{n}|{lay}": fn for (n, lay), fn in fns.items()}, warmup=warmup, repeats=repeats)
-    out = {}
-    for name in models:
-        ms = {lay: sorted(samples[f"{name}|{lay}"])[len(samples[f"{name}|{lay}"]) // 2] for lay in ("nchw", "channels_last")}
-        layout = min(ms, key=ms.get)
-        out[name] = (ms[layout], layout)
-    return out
 
 
 def run_speed(cfg: SpeedConfig) -> pd.DataFrame:
@@ -249,8 +233,6 @@ def run_speed(cfg: SpeedConfig) -> pd.DataFrame:
             macs_only[budget], _ = _project(searchable, size, int(budget * dense_macs), batches)
             bar.update()
         for batch in cfg.batches:
-            from ..latency import LatencyCost, profile_layers
-
             cost = LatencyCost(searchable, profile_layers(searchable, size, batch=batch, repeats=cfg.profile_repeats,
                                                           warmup=1))
             models: dict[str, torch.nn.Module] = {"dense": dense}
@@ -267,11 +249,11 @@ def run_speed(cfg: SpeedConfig) -> pd.DataFrame:
                 model, ratio = pruned[budget]
                 models[f"torch-pruning@{budget}"] = model
                 meta[f"torch-pruning@{budget}"] = {"method": "torch-pruning", "budget": budget, "ratio": ratio}
-            times = _time(models, size, batch, cfg.repeats, cfg.warmup)
+            times = fastest_layouts(models, size, batch=batch, repeats=cfg.repeats, warmup=cfg.warmup)
             bar.update()
-            dense_ms = times["dense"][0]
+            dense_ms = times["dense"][1]
             for name, model in models.items():
-                ms, layout = times[name]
+                layout, ms = times[name]
                 macs = count_macs(model, size)
                 m = meta[name]
                 rows.append({
