@@ -115,7 +115,11 @@ def _cmd_profile(args: argparse.Namespace) -> int:
 
         grouping = SelfGroupingConfig(clusters=args.clusters, cluster_sizes=args.cluster_sizes,
                                       threshold=args.threshold, exclude=args.exclude or [])
-        fractions = [float(f) for f in args.fractions.split(",")] if args.fractions else DEFAULT_FRACTIONS
+        try:
+            fractions = [float(f) for f in args.fractions.split(",")] if args.fractions else DEFAULT_FRACTIONS
+        except ValueError:
+            raise ConfigError(f"--fractions: expected comma-separated shares such as 0.5,0.75, got "
+                              f"{args.fractions!r}") from None
         table = profile_self_grouping(model, size, grouping, batch=args.batch, fractions=fractions,
                                       repeats=args.repeats)
     else:

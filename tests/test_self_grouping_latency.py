@@ -168,3 +168,33 @@ def test_compress_with_a_latency_budget_reports_prediction_and_measurement_and_r
     table = (run / "latency_table.json").read_text()
     compress(cfg, resume=True)
     assert (run / "latency_table.json").read_text() == table  # the plan is made again from the run's own table
+
+
+def test_profile_command_for_the_pass_and_its_errors(tmp_path, capsys):
+    from nas_grouping.cli import main
+
+    from search_spaces import get_space
+
+    folder = tmp_path / "saved"
+    torch.manual_seed(0)
+    save_model(get_space("digits_convnet", widths=[8, 8, 16, 16, 16, 16], dense=True), folder)
+    out = tmp_path / "sg.json"
+    assert main(["profile", "--pass", "self-grouping", "--model", str(folder), "--input-size", "1", "8", "8",
+                 "--clusters", "2", "--repeats", "1", "--fractions", "0.5", "--out", str(out)]) == 0
+    table = LatencyTable.load(out)
+    assert table.meta["pass"] == PASS_NAME and table.meta["settings"]["clusters"] == 2
+    assert table.meta["input_size"] == [1, 8, 8] and len({r["layer"] for r in table.rows}) >= 5
+    assert all({f for f, _ in table.curve(layer, "fraction")} <= {0.0, 0.5, 0.6, 0.95}
+               for layer in {r["layer"] for r in table.rows})
+    assert "for the self-grouping" in capsys.readouterr().out
+    assert main(["profile", "--pass", "self-grouping", "--model", str(folder), "--out", str(out)]) == 2
+    assert "--input-size" in capsys.readouterr().err
+    assert main(["profile", "--pass", "self-grouping", "--model", str(tmp_path / "none"), "--input-size", "3", "8",
+                 "8", "--out", str(out)]) == 2
+    assert "no saved model" in capsys.readouterr().err
+    assert main(["profile", "--pass", "self-grouping", "--space", "digits_convnet", "--fractions", "0.5,2",
+                 "--out", str(out)]) == 2
+    assert "fractions" in capsys.readouterr().err
+    assert main(["profile", "--pass", "self-grouping", "--space", "digits_convnet", "--fractions", "half",
+                 "--out", str(out)]) == 2
+    assert "--fractions" in capsys.readouterr().err
