@@ -37,11 +37,22 @@ from .macs import check_input_size
 from .ops.dgconv import DGConv2d
 from .ops.group_conv import PermutedGroupConv2d
 
-__all__ = ["device_name", "measured_on", "table_meta", "sample_models", "fastest_layouts", "measure_ms", "choose_fastest_forms", "latency_report", "LatencyTable",
+__all__ = ["gate_pattern", "device_name", "measured_on", "table_meta", "sample_models", "fastest_layouts", "measure_ms", "choose_fastest_forms", "latency_report", "LatencyTable",
            "profile_layers", "LatencyCost", "parse_latency_budget", "LatencyDeviceWarning"]
 
 #: the memory layouts every model is timed in; it counts in the faster one
 LAYOUTS = ("nchw", "channels_last")
+#: group patterns of a DGConv2d's binary gates: gates off on the outermost channel bits give
+#: contiguous groups (a plain grouped conv); any other off set needs channel gathers
+CONTIGUOUS, PERMUTED = "contiguous", "permuted"
+PATTERNS = (CONTIGUOUS, PERMUTED)
+
+
+def gate_pattern(gates: Sequence[float] | Tensor) -> str:
+    """"contiguous" when the binary gates that are off are the first ones (outermost bits), else "permuted"."""
+    g = [float(v) > 0.5 for v in gates]
+    off = g.count(False)
+    return CONTIGUOUS if not any(g[:off]) else PERMUTED
 
 
 class LatencyDeviceWarning(UserWarning):
@@ -224,14 +235,26 @@ class LatencyTable:
     meta: dict[str, Any]
     rows: list[dict[str, Any]] = field(default_factory=list)
 
-    def lookup(self, layer: str, groups: int, form: str | None = None) -> float:
-        """The table's latency of ``layer`` at ``groups`` (the faster form unless ``form`` is given)."""
-        hits = [r["ms"] for r in self.rows if r["layer"] == layer and r["groups"] == groups
-                and (form is None or r["form"] == form)]
-        if not hits:
+    def lookup(self, layer: str, groups: int, form: str | None = None, pattern: str = PERMUTED) -> float:
+        """The table's latency of ``layer`` at ``groups`` (the faster form unless ``form`` is given).
+
+        ``pattern`` is "permuted" (groups that need channel gathers) or "contiguous" (plain
+        ``nn.Conv2d(groups=G)``); tables without contiguous rows (older ones) answer with the
+        permuted time, an upper bound.
+        """
+        if pattern not in PATTERNS:
+            raise ConfigError(f"latency table lookup: pattern must be one of {PATTERNS}, got {pattern!r}")
+
+        def hits(p: str) -> list[float]:
+            return [r["ms"] for r in self.rows if r["layer"] == layer and r["groups"] == groups
+                    and (form is None or r["form"] == form)
+                    and (groups == 1 or r.get("pattern", PERMUTED) == p)]
+
+        found = hits(pattern) or (hits(PERMUTED) if pattern == CONTIGUOUS else [])
+        if not found:
             raise ConfigError(f"latency table has no row for layer {layer!r} at groups={groups}"
                               + (f", form {form}" if form else "") + "; profile this model again")
-        return min(hits)
+        return min(found)
 
     def curve(self, layer: str, key: str) -> list[tuple[float, float]]:
         """(``key`` value, fastest ms over forms) of ``layer``'s rows, sorted; ``key`` is groups or fraction."""
@@ -273,11 +296,15 @@ class LatencyTable:
 
 def profile_layers(model: nn.Module, input_size: Sequence[int], *, batch: int = 1, repeats: int = 10,
                    warmup: int = 3, layout: str | None = None) -> LatencyTable:
-    """Latency of every DGConv2d layer of ``model`` at every group count it can take, in both exact forms.
+    """Latency of every DGConv2d layer of ``model`` at every group count it can take, in each
+    group pattern and exact form.
 
-    Each candidate is the exported layer for the group count with its gates off on the
-    low channel bits (so the grouped form pays both channel gathers: the general case).
-    ``layout`` defaults to the faster one for the dense model.
+    For G > 1 the grouped form is timed twice: with contiguous groups (gates off on the
+    outermost channel bits: a plain grouped conv) and with permuted ones (off on the innermost
+    bits: the grouped conv between two channel gathers, the general case). The dense form runs
+    the same dense convolution whatever G and the pattern, so it is timed once per layer and its
+    time is given to every G. All candidates of a layer are timed side by side on the tensor the
+    layer sees. ``layout`` defaults to the faster one for the dense model.
     """
     size = check_input_size(input_size)
     model = copy.deepcopy(model).eval()
@@ -290,27 +317,31 @@ def profile_layers(model: nn.Module, input_size: Sequence[int], *, batch: int = 
     inputs = _layer_inputs(model, [n for n, _ in layers], size, batch, layout)
     from .export import export_layer
 
+    def candidate(probe: DGConv2d, gates: list[int], form: str) -> nn.Module:
+        probe.set_gates(gates)
+        exported = export_layer(probe).eval()
+        c = exported if isinstance(exported, PermutedGroupConv2d) else PermutedGroupConv2d.from_conv(exported)
+        c.form = form
+        return _set_layout(c, layout)
+
     rows = []
     for name, layer in layers:
         x = inputs[name]
-        probe = copy.deepcopy(layer)
-        for off in range(layer.num_gates + 1):
-            probe.set_gates([1] * (layer.num_gates - off) + [0] * off)
-            exported = export_layer(probe).eval()
-            candidate = exported if isinstance(exported, PermutedGroupConv2d) else \
-                PermutedGroupConv2d.from_conv(exported)
-            _set_layout(candidate, layout)
-            fns = {}
-            for form in ("grouped", "dense"):
-                c = copy.deepcopy(candidate)
-                c.form = form
-                fns[form] = (lambda c=c: c(x))
-            with torch.inference_mode():
-                t = median_ms(fns, warmup=warmup, repeats=repeats)
-            for form, ms in t.items():
-                rows.append({"layer": name, "in_channels": layer.in_channels, "out_channels": layer.out_channels,
-                             "kernel": "x".join(map(str, layer.kernel_size)), "stride": layer.stride[0],
-                             "input_hw": "x".join(map(str, x.shape[2:])), "groups": 2**off, "form": form, "ms": ms})
+        probe, k = copy.deepcopy(layer), layer.num_gates
+        shape = {"layer": name, "in_channels": layer.in_channels, "out_channels": layer.out_channels,
+                 "kernel": "x".join(map(str, layer.kernel_size)), "stride": layer.stride[0],
+                 "input_hw": "x".join(map(str, x.shape[2:]))}
+        runs: dict[tuple[int, str, str], nn.Module] = {(1, CONTIGUOUS, "grouped"): candidate(probe, [1] * k, "grouped")}
+        for off in range(1, k + 1):
+            runs[(2**off, CONTIGUOUS, "grouped")] = candidate(probe, [0] * off + [1] * (k - off), "grouped")
+            runs[(2**off, PERMUTED, "grouped")] = candidate(probe, [1] * (k - off) + [0] * off, "grouped")
+        runs[(0, "", "dense")] = candidate(probe, [0] * k, "dense")
+        with torch.inference_mode():
+            t = median_ms({key: (lambda c=c: c(x)) for key, c in runs.items()}, warmup=warmup, repeats=repeats)
+        dense_form = t.pop((0, "", "dense"))
+        for (groups, pattern, form), ms in t.items():
+            rows.append({**shape, "groups": groups, "pattern": pattern, "form": form, "ms": ms})
+            rows.append({**shape, "groups": groups, "pattern": pattern, "form": "dense", "ms": dense_form})
     dense = copy.deepcopy(model)
     for _, layer in dgconv_layers(dense):
         layer.set_groups(1)
@@ -331,20 +362,27 @@ class LatencyCost:
     """Predicted latency (ms) of a model with DGConv2d layers, from a measured table, differentiable in the gates.
 
     Each layer's latency is the table's (faster form) value at its group count
-    G = 2^n, n = number of gates off; between integers it is interpolated
-    linearly in n = sum(1 - g), so a gate's gradient is the latency that turning one
-    more gate off saves. The part of the model that is not searched costs
-    ``base_ms`` = the table's whole dense model minus its dense searchable layers.
+    G = 2^n, n = number of gates off, for its group pattern: contiguous groups (the
+    gates off are the first ones: a plain grouped conv) or permuted ones (channel
+    gathers). The expected latency is the permuted curve interpolated linearly in
+    n = sum(1 - g), so a gate's gradient is the latency that turning one more gate off
+    saves, plus, for each m, (contiguous - permuted time at 2^m groups) times the
+    probability that exactly the first m gates are off (gates read as independent
+    probabilities): exact at binary gates, and it rewards turning the outer gates off first.
+    The part of the model that is not searched costs ``base_ms`` = the table's whole dense
+    model minus its dense searchable layers.
     """
 
     def __init__(self, model: nn.Module, table: LatencyTable) -> None:
+        #: (name, layer, times): times[0] the permuted, times[1] the contiguous curve over n = 0..K
         self.layers: list[tuple[str, DGConv2d, Tensor]] = []
         for name, layer in dgconv_layers(model):
-            values = [table.lookup(name, 2**n) for n in range(layer.num_gates + 1)]
+            values = [[table.lookup(name, 2**n, pattern=p) for n in range(layer.num_gates + 1)]
+                      for p in (PERMUTED, CONTIGUOUS)]
             self.layers.append((name, layer, torch.tensor(values, dtype=torch.float64)))
         if "model_ms" not in table.meta:
             raise ConfigError("the latency table has no whole-model time (model_ms); profile the model again")
-        self.base_ms = max(0.0, float(table.meta["model_ms"]) - sum(float(v[0]) for _, _, v in self.layers))
+        self.base_ms = max(0.0, float(table.meta["model_ms"]) - sum(float(v[0, 0]) for _, _, v in self.layers))
         self.batch = int(table.meta.get("batch", 1))
 
     @staticmethod
@@ -356,16 +394,31 @@ class LatencyCost:
             return values[0] + 0 * n_off
         return values[n] + (n_off - n) * (values[n + 1] - values[n])
 
+    @staticmethod
+    def _layer_expected(values: Tensor, g: Tensor) -> Tensor:
+        values = values.to(g.dtype)
+        term = LatencyCost._at(values[0], (1 - g).sum())
+        for m in range(1, g.numel() + 1):
+            prefix = torch.prod(1 - g[:m]) * torch.prod(g[m:])
+            term = term + prefix * (values[1, m] - values[0, m])
+        return term
+
     def expected_ms(self) -> Tensor:
-        terms = [self._at(v, (1 - layer.gates()).sum()) for _, layer, v in self.layers]
+        terms = [self._layer_expected(v, layer.gates()) for _, layer, v in self.layers]
         return self.base_ms + torch.stack(terms).sum() if terms else torch.tensor(self.base_ms)
 
+    @staticmethod
+    def layer_ms(values: Tensor, gates: Sequence[float] | Tensor) -> float:
+        """The table's time of one layer (``values`` of ``self.layers``) at binary ``gates``."""
+        off = sum(1 for v in gates if float(v) < 0.5)
+        return float(values[1 if gate_pattern(gates) == CONTIGUOUS else 0, off])
+
     def current_ms(self) -> float:
-        return self.base_ms + sum(float(v[layer.learned_groups.bit_length() - 1]) for _, layer, v in self.layers)
+        return self.base_ms + sum(self.layer_ms(v, layer.gate_values()) for _, layer, v in self.layers)
 
     @property
     def dense_ms(self) -> float:
-        return self.base_ms + sum(float(v[0]) for _, _, v in self.layers)
+        return self.base_ms + sum(float(v[0, 0]) for _, _, v in self.layers)
 
     @property
     def minimum_ms(self) -> float:

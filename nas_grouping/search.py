@@ -112,17 +112,18 @@ def mac_constraint(cost: ModelCost, budget_macs: int) -> Constraint:
 
 
 def latency_constraint(latency, budget_ms: float) -> Constraint:
-    """For a ``latency.LatencyCost``: a gate change moves the layer one step along its table."""
+    """For a ``latency.LatencyCost``: a gate change moves the layer to the table's time for its new
+    group count and pattern (contiguous or permuted groups)."""
     values = {name: v for name, _, v in latency.layers}
 
-    def step(name: str, layer, delta: int) -> float:
-        v = values[name]
-        n = layer.learned_groups.bit_length() - 1
-        m = min(max(n + delta, 0), v.numel() - 1)
-        return float(v[n] - v[m]) if delta > 0 else float(v[m] - v[n])
+    def change(name: str, layer, j: int, value: int) -> float:
+        gates = layer.gate_values().tolist()
+        before = latency.layer_ms(values[name], gates)
+        gates[j] = value
+        return latency.layer_ms(values[name], gates) - before
 
     return Constraint("latency (ms)", budget_ms, latency.current_ms,
-                      lambda name, layer, j: step(name, layer, +1), lambda name, layer, j: step(name, layer, -1))
+                      lambda name, layer, j: -change(name, layer, j, 0), lambda name, layer, j: change(name, layer, j, 1))
 
 
 def project_to_budget(model: nn.Module, cost: ModelCost, budget_macs: int, batches: list, rt: Runtime, *,
@@ -456,7 +457,7 @@ def search(cfg: SearchConfig, *, resume: bool = False,
                                 **cfg.space_kwargs).to(rt.device)
         predicted, predicted_batch = None, 1
         if latency is not None:
-            predicted = {name: float(v[layer.learned_groups.bit_length() - 1]) for name, layer, v in latency.layers}
+            predicted = {name: latency.layer_ms(v, layer.gate_values()) for name, layer, v in latency.layers}
             predicted["(whole model)"] = latency.current_ms()
             predicted_batch = latency.batch
         per_layer = layer_latency(dense_model, exported, input_size, batches=sorted({1, 32, predicted_batch}),
