@@ -2,8 +2,9 @@
 
 ``export_model`` turns every DGConv2d into the layer its binary gates imply: a
 plain ``nn.Conv2d(groups=G)`` when the groups are already contiguous, else a
-``PermutedGroupConv2d``. The exported model computes what the masked model
-computed, at its effective MACs.
+``PermutedGroupConv2d``, whose channel gathers are then folded into neighbouring
+dense layers where that is exact (``fold.py``). The exported model computes what
+the masked model computed, at its effective MACs.
 
 ``save_model`` writes a folder with ``weights.pt`` (a state dict of tensors, read
 with ``torch.load(weights_only=True)``) and ``architecture.json`` (how to build
@@ -126,8 +127,11 @@ def replace_layer(model: nn.Module, name: str, layer: nn.Module) -> None:
     _record(model, name, layer)
 
 
-def export_model(model: nn.Module, *, inplace: bool = False) -> nn.Module:
+def export_model(model: nn.Module, *, inplace: bool = False, fold: bool = True) -> nn.Module:
     """Replace every DGConv2d of ``model`` by the real group convolution its gates imply.
+
+    With ``fold`` (default) the channel gathers of permuted groups are then folded into
+    neighbouring dense layers wherever that is exact (``fold.fold_permutations``).
 
     Raises:
         ExportError: a DGConv2d has soft gates (names the layer).
@@ -144,6 +148,10 @@ def export_model(model: nn.Module, *, inplace: bool = False) -> nn.Module:
     target = model if inplace else copy.deepcopy(model)
     for name, layer in dgconv_layers(target):
         replace_layer(target, name, export_layer(layer))
+    if fold:
+        from .fold import fold_permutations
+
+        fold_permutations(target, inplace=True)
     return target
 
 

@@ -274,7 +274,7 @@ def test_architecture_json_records_groups_and_permutations(tmp_path):
     model.block[0].set_gates([1, 0, 1, 0])   # needs a permutation
     model.block[5].set_gates([0, 1, 1])      # contiguous groups: a plain nn.Conv2d
     model.last.set_gates([1, 1, 1])          # dense
-    folder = save_model(export_model(model), tmp_path / "m", recipe={"kwargs": {}}, extra={"top1": 0.5})
+    folder = save_model(export_model(model, fold=False), tmp_path / "m", recipe={"kwargs": {}}, extra={"top1": 0.5})
     arch = json.loads((folder / "architecture.json").read_text())
     assert arch == read_architecture(folder)
     assert arch["format"] == "nas-grouping/1"

@@ -38,6 +38,7 @@ from tqdm.auto import tqdm
 
 from ..config import _f
 from ..errors import BudgetError, ConfigError
+from ..fold import count_gathers
 from ..latency import LatencyCost, choose_fastest_forms, fastest_layouts, profile_layers
 from ..macs import count_macs
 from .timing import machine_info
@@ -206,7 +207,8 @@ def _export_fastest(model: torch.nn.Module, input_size: tuple[int, ...], batch: 
 
     exported, forms = choose_fastest_forms(export_model(model), input_size, batch=batch)
     return exported, {"groups": [layer.learned_groups for _, layer in dgconv_layers(model)],
-                      "dense_form_layers": sum(1 for v in forms["layers"].values() if v["form"] == "dense")}
+                      "dense_form_layers": sum(1 for v in forms["layers"].values() if v["form"] == "dense"),
+                      "channel_gathers": count_gathers(exported)}
 
 
 def run_speed(cfg: SpeedConfig) -> pd.DataFrame:
@@ -264,7 +266,8 @@ def run_speed(cfg: SpeedConfig) -> pd.DataFrame:
                     "speedup_per_mac_reduction": (dense_ms / ms) / (dense_macs / macs),
                     "latency_budget_ms": m.get("budget_ms"), "predicted_ms": m.get("predicted_ms"),
                     "table_dense_ms": m.get("table_dense_ms"), "pruning_ratio": m.get("ratio"),
-                    "dense_form_layers": m.get("dense_form_layers"), "note": m.get("note", ""),
+                    "dense_form_layers": m.get("dense_form_layers"), "channel_gathers": m.get("channel_gathers"),
+                    "note": m.get("note", ""),
                 })
     bar.close()
     df = pd.DataFrame(rows)

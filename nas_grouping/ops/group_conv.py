@@ -75,18 +75,37 @@ class PermutedGroupConv2d(nn.Module):
         self.form = form
         self._dense_cache: tuple[tuple, Tensor] | None = None
         self.conv = conv_from_config(conv_kwargs)
-        self.in_perm = _check_perm(in_perm, self.conv.in_channels, "in_perm")
-        self.out_perm = _check_perm(out_perm, self.conv.out_channels, "out_perm")
-        if self.in_perm is not None:
-            self.register_buffer("in_index", torch.tensor(self.in_perm), persistent=False)
-        else:
-            self.in_index = None
-        if self.out_perm is not None:
-            inverse = torch.empty(len(self.out_perm), dtype=torch.long)
-            inverse[torch.tensor(self.out_perm)] = torch.arange(len(self.out_perm))
-            self.register_buffer("out_index", inverse, persistent=False)
-        else:
+        self.register_buffer("in_index", None, persistent=False)
+        self.register_buffer("out_index", None, persistent=False)
+        self._set_perms(_check_perm(in_perm, self.conv.in_channels, "in_perm"),
+                        _check_perm(out_perm, self.conv.out_channels, "out_perm"))
+
+    def _set_perms(self, in_perm: list[int] | None, out_perm: list[int] | None) -> None:
+        device = self.conv.weight.device
+        self.in_perm, self.out_perm = in_perm, out_perm
+        self.in_index = None if in_perm is None else torch.tensor(in_perm, device=device)
+        if out_perm is None:
             self.out_index = None
+        else:
+            inverse = torch.empty(len(out_perm), dtype=torch.long, device=device)
+            inverse[torch.tensor(out_perm, device=device)] = torch.arange(len(out_perm), device=device)
+            self.out_index = inverse
+        self._dense_cache = None
+
+    def set_permutations(self, *, in_index: Tensor | None | str = "keep",
+                         out_index: Tensor | None | str = "keep") -> None:
+        """Replace the input gather (``x[:, in_index]``) and/or the output gather (``y[:, out_index]``);
+        None removes one, an identity index too. Used by ``fold.fold_permutations``."""
+        in_perm = self.in_perm if isinstance(in_index, str) else (
+            None if in_index is None else _check_perm(in_index.tolist(), self.in_channels, "in_index"))
+        out_perm = self.out_perm
+        if not isinstance(out_index, str):
+            if out_index is None:
+                out_perm = None
+            else:
+                idx = _check_perm(out_index.tolist(), self.out_channels, "out_index")
+                out_perm = None if idx is None else torch.argsort(torch.tensor(idx)).tolist()
+        self._set_perms(in_perm, out_perm)
 
     @property
     def in_channels(self) -> int:
