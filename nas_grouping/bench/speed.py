@@ -272,7 +272,12 @@ def run_speed(cfg: SpeedConfig) -> pd.DataFrame:
     bar.close()
     df = pd.DataFrame(rows)
     df.attrs.update(machine_info())
-    df.attrs["torch_pruning"] = getattr(tp, "__version__", "?")
+    try:  # the installed distribution's version (the module's __version__ string can lag behind it)
+        from importlib.metadata import version
+
+        df.attrs["torch_pruning"] = version("torch-pruning")
+    except Exception:
+        df.attrs["torch_pruning"] = getattr(tp, "__version__", "?")
     if cfg.out:
         df.to_csv(cfg.out, index=False)
     return df
