@@ -354,7 +354,10 @@ def profile_layers(model: nn.Module, input_size: Sequence[int], *, batch: int = 
 def table_meta(model: nn.Module, input_size: Sequence[int], *, batch: int, layout: str, repeats: int, warmup: int,
                model_ms: float) -> dict[str, Any]:
     """The ``meta`` of a profiled latency table: where and how it was measured, and the whole model's time."""
-    return {**measured_on(next(model.parameters()).device), "batch": batch, "input_size": list(input_size),
+    from .bench.timing import freed_memory_kept
+
+    return {**measured_on(next(model.parameters()).device), "freed_memory_kept": freed_memory_kept(),
+            "batch": batch, "input_size": list(input_size),
             "layout": layout, "repeats": repeats, "warmup": warmup, "statistic": "median", "model_ms": model_ms}
 
 

@@ -310,3 +310,18 @@ def test_projection_with_a_latency_budget_prefers_contiguous_groups():
     assert cost.current_ms() <= budget_ms
     exported = export_model(model)
     assert not any(isinstance(m, PermutedGroupConv2d) for m in exported.modules())
+
+
+def test_keep_freed_memory_applies_once_and_can_be_opted_out(monkeypatch):
+    """glibc keeps freed memory after the call (steady CPU timings); NAS_GROUPING_MALLOC=system opts out."""
+    import subprocess
+    import sys
+
+    code = ("from nas_grouping.bench.timing import keep_freed_memory, freed_memory_kept, machine_info;"
+            "print(freed_memory_kept(), keep_freed_memory(), keep_freed_memory(), machine_info()['freed_memory_kept'])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    on_glibc = sys.platform.startswith("linux")
+    assert out == ["False", str(on_glibc), str(on_glibc), str(on_glibc)]
+    monkeypatch.setenv("NAS_GROUPING_MALLOC", "system")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert out == ["False", "False", "False", "False"]

@@ -286,7 +286,8 @@ def run_speed(cfg: SpeedConfig) -> pd.DataFrame:
 def format_speed(df: pd.DataFrame) -> str:
     """A Markdown table of the rows, with the machine it was measured on."""
     lines = [f"measured on {df.attrs.get('device')}, {df.attrs.get('threads')} threads, torch {df.attrs.get('torch')}, "
-             f"Torch-Pruning {df.attrs.get('torch_pruning')}; speed-up against dense in its faster layout",
+             f"Torch-Pruning {df.attrs.get('torch_pruning')}; speed-up against dense in its faster layout"
+             + ("; freed memory kept in the process (keep_freed_memory)" if df.attrs.get("freed_memory_kept") else ""),
              "", "| network | batch | MAC budget | method | MACs (x fewer) | ms (layout) | speed-up | speed-up / MAC "
              "reduction |", "|---|---|---|---|---|---|---|---|"]
     for r in df.itertuples():
