@@ -7,10 +7,11 @@ exporter times the exact forms of each exported layer (grouped conv between
 channel gathers, or one dense conv on the block-structured weight) in the
 model's faster layout, on the machine it runs on, and keeps the fastest; the
 choice is recorded in the saved architecture. ``profile_layers`` measures each
-searchable layer at every candidate group count and saves a table keyed by
-device, torch version, threads and shapes.
+searchable layer at every candidate group count, with contiguous and permuted
+groups apart, and saves a table keyed by device, torch version, threads and shapes.
 
-Timing practice: warm-up, interleaved repetitions, median, thread count recorded.
+Timing practice: warm-up, interleaved repetitions, median, thread count recorded;
+freed memory kept in the process (``keep_freed_memory``) for steady CPU timings.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ import torch
 from torch import Tensor, nn
 
 from ._io import atomic_write
-from .bench.timing import median_ms, sample_ms
+from .bench.timing import keep_freed_memory, median_ms, sample_ms
 from .convert import dgconv_layers
 from .errors import BudgetError, ConfigError
 from .export import LAYERS_ATTR, LAYOUT_ATTR, export_model, replace_layer
@@ -37,8 +38,9 @@ from .macs import check_input_size
 from .ops.dgconv import DGConv2d
 from .ops.group_conv import PermutedGroupConv2d
 
-__all__ = ["gate_pattern", "device_name", "measured_on", "table_meta", "sample_models", "fastest_layouts", "measure_ms", "choose_fastest_forms", "latency_report", "LatencyTable",
-           "profile_layers", "LatencyCost", "parse_latency_budget", "LatencyDeviceWarning"]
+__all__ = ["gate_pattern", "keep_freed_memory", "device_name", "measured_on", "table_meta", "sample_models",
+           "fastest_layouts", "measure_ms", "choose_fastest_forms", "latency_report", "LatencyTable", "profile_layers",
+           "LatencyCost", "parse_latency_budget", "LatencyDeviceWarning"]
 
 #: the memory layouts every model is timed in; it counts in the faster one
 LAYOUTS = ("nchw", "channels_last")
