@@ -7,7 +7,7 @@ through per-channel layers only (BatchNorm, activations), the input order can be
 produced there instead: the producer's output rows (and the BatchNorm's
 statistics) are permuted once, at export, and the gather goes. Likewise the output
 order can be absorbed by a dense consumer's input columns (a conv, or a linear
-layer after global pooling). Between two permuted group convs the two gathers
+layer after a flatten that leaves one value per channel). Between two permuted group convs the two gathers
 become one. Residual additions, concatenations and layers used twice stop a fold:
 there the order is seen by more than one reader. Outputs are unchanged.
 """
@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import copy
 import warnings
-from typing import Any
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, fx, nn
@@ -54,12 +52,6 @@ def count_gathers(model: nn.Module) -> int:
     """Channel gathers the model's permuted group convs run (layers in the dense form run none)."""
     return sum((m.in_index is not None) + (m.out_index is not None)
                for m in model.modules() if isinstance(m, PermutedGroupConv2d) and m.form == "grouped")
-
-
-def _inverse(perm: Tensor) -> Tensor:
-    inv = torch.empty_like(perm)
-    inv[perm] = torch.arange(perm.numel(), device=perm.device)
-    return inv
 
 
 class _Graph:
@@ -164,7 +156,7 @@ def _fold_into_producer(g: _Graph, node: fx.Node, layer: PermutedGroupConv2d) ->
 def _fold_into_consumer(g: _Graph, node: fx.Node, layer: PermutedGroupConv2d) -> bool:
     consumer, chain = g.downstream(node)
     m = g.module(consumer) if consumer is not None else None
-    perm = _inverse(layer.out_index)  # channel c of the grouped conv is original channel perm[c]
+    perm = torch.tensor(layer.out_perm, device=layer.out_index.device)  # grouped-conv channel c is original perm[c]
     flat = any(g.flattens(n) for n in chain)
     if ((_dense_conv(m) and not flat) or (type(m) is nn.Linear and flat)) and m.weight.shape[1] == perm.numel():
         m.weight.data = m.weight.data[:, perm].clone()
@@ -182,7 +174,7 @@ def fold_permutations(model: nn.Module, *, inplace: bool = False) -> nn.Module:
     Input orders are folded first (into a dense producer, or composed with a permuted
     producer's output order, leaving one gather where there were two), then output orders
     into dense consumers. A model torch.fx cannot trace is returned unchanged, with a
-    ``FoldWarning`` saying why. BatchNorm layers must be in eval mode to be folded through.
+    ``FoldWarning`` saying why. BatchNorm is per channel in training and eval mode alike.
     """
     target = model if inplace else copy.deepcopy(model)
     if not any(isinstance(m, PermutedGroupConv2d) for m in target.modules()):
@@ -213,8 +205,3 @@ def _rerecord(model: nn.Module, changed: set[int]) -> None:
         layer = model.get_submodule(name)
         if id(layer) in changed:
             replace_layer(model, name, layer)
-
-
-def fold_report(before: nn.Module, after: nn.Module) -> dict[str, Any]:
-    """Channel gathers before and after folding."""
-    return {"gathers_before": count_gathers(before), "gathers_after": count_gathers(after)}

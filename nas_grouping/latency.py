@@ -30,7 +30,7 @@ import torch
 from torch import Tensor, nn
 
 from ._io import atomic_write
-from .bench.timing import keep_freed_memory, median_ms, sample_ms
+from .bench.timing import freed_memory_kept, keep_freed_memory, median_ms, sample_ms
 from .convert import dgconv_layers
 from .errors import BudgetError, ConfigError
 from .export import LAYERS_ATTR, LAYOUT_ATTR, export_model, replace_layer
@@ -356,8 +356,6 @@ def profile_layers(model: nn.Module, input_size: Sequence[int], *, batch: int = 
 def table_meta(model: nn.Module, input_size: Sequence[int], *, batch: int, layout: str, repeats: int, warmup: int,
                model_ms: float) -> dict[str, Any]:
     """The ``meta`` of a profiled latency table: where and how it was measured, and the whole model's time."""
-    from .bench.timing import freed_memory_kept
-
     return {**measured_on(next(model.parameters()).device), "freed_memory_kept": freed_memory_kept(),
             "batch": batch, "input_size": list(input_size),
             "layout": layout, "repeats": repeats, "warmup": warmup, "statistic": "median", "model_ms": model_ms}

@@ -272,11 +272,11 @@ def run_speed(cfg: SpeedConfig) -> pd.DataFrame:
     bar.close()
     df = pd.DataFrame(rows)
     df.attrs.update(machine_info())
-    try:  # the installed distribution's version (the module's __version__ string can lag behind it)
-        from importlib.metadata import version
+    from importlib.metadata import PackageNotFoundError, version
 
+    try:  # the installed distribution's version (the module's __version__ string can lag behind it)
         df.attrs["torch_pruning"] = version("torch-pruning")
-    except Exception:
+    except PackageNotFoundError:
         df.attrs["torch_pruning"] = getattr(tp, "__version__", "?")
     if cfg.out:
         df.to_csv(cfg.out, index=False)
