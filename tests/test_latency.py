@@ -289,6 +289,8 @@ def test_latency_cost_knows_contiguous_groups_are_faster():
     old = LatencyTable(meta={"model_ms": 100.0, "batch": 1},
                        rows=[r for r in _pattern_table(model, 0.5).rows if r["pattern"] == "permuted" or r["groups"] == 1])
     assert old.lookup(name, 2, pattern="contiguous") == old.lookup(name, 2) == 7.0
+    with pytest.raises(ConfigError, match="pattern must be one of"):
+        old.lookup(name, 2, pattern="blocked")
 
 
 def test_projection_with_a_latency_budget_prefers_contiguous_groups():

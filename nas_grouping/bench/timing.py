@@ -21,9 +21,10 @@ def keep_freed_memory() -> bool:
 
     With glibc's defaults every activation above the mmap threshold is mapped and
     unmapped on each forward pass, so a CPU model timed in a loop pays fresh page
-    faults each call: a CIFAR ResNet-56 at batch 32 measured 85-120 ms alone here and
-    about 50 ms with memory kept, and the slowdown depended on what else ran between
-    calls, so tables and final timings disagreed. Keeping memory (as the CUDA caching
+    faults each call: a CIFAR ResNet-56 at batch 32 measured 69-71 ms alone on our
+    2-core CPU and 45-46 ms with memory kept (``examples/freed_memory_timing.py``), and
+    the slowdown depends on what else runs between calls, so tables and final timings
+    disagreed. Keeping memory (as the CUDA caching
     allocator, jemalloc and tcmalloc do) gives steady, comparable timings; the price is
     that the process keeps its peak memory. The CLI calls this at start (set
     ``NAS_GROUPING_MALLOC=system`` to opt out). Returns whether it applied (glibc only).
