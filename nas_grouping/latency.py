@@ -40,7 +40,7 @@ from .ops.group_conv import PermutedGroupConv2d
 
 __all__ = ["gate_pattern", "keep_freed_memory", "device_name", "measured_on", "table_meta", "sample_models",
            "fastest_layouts", "measure_ms", "choose_fastest_forms", "latency_report", "LatencyTable", "profile_layers",
-           "LatencyCost", "parse_latency_budget", "LatencyDeviceWarning"]
+           "LatencyCost", "MeasuredLatency", "parse_latency_budget", "LatencyDeviceWarning"]
 
 #: the memory layouts every model is timed in; it counts in the faster one
 LAYOUTS = ("nchw", "channels_last")
@@ -197,6 +197,47 @@ def choose_fastest_forms(model: nn.Module, input_size: Sequence[int], *, batch: 
             replace_layer(target, name, candidate)  # (re-)record the chosen form
     setattr(target, LAYOUT_ATTR, layout)
     return target, report
+
+
+class MeasuredLatency:
+    """The measured whole-model latency (ms) of a DGConv model's export, at one batch size on this machine.
+
+    Each call exports the model (gathers folded, fastest exact forms and layout chosen) and
+    times it side by side with ``reference`` (the dense model), each in its faster layout; the
+    time is scaled by the reference's first measurement, so drift of the machine between calls
+    cancels. ``reference_ms`` is that first measurement. A table predicts; this is what counts
+    (``search.project_to_measured_latency`` closes the loop with it).
+    """
+
+    def __init__(self, reference: nn.Module, input_size: Sequence[int], *, batch: int = 1, repeats: int = 5,
+                 warmup: int = 2) -> None:
+        self.reference = copy.deepcopy(reference).eval()
+        self.input_size = check_input_size(input_size)
+        self.batch, self.repeats, self.warmup = batch, repeats, warmup
+        self._reference_ms: float | None = None
+        self.calls = 0
+
+    def _time(self, models: dict[str, nn.Module]) -> dict[str, float]:
+        t = fastest_layouts(models, self.input_size, batch=self.batch, repeats=self.repeats, warmup=self.warmup)
+        return {name: ms for name, (_, ms) in t.items()}
+
+    @property
+    def reference_ms(self) -> float:
+        if self._reference_ms is None:
+            self._reference_ms = self._time({"reference": self.reference})["reference"]
+        return self._reference_ms
+
+    def export(self, model: nn.Module) -> nn.Module:
+        """The exported model as it would be shipped: folded, fastest forms and layout at this batch."""
+        exported = export_model(model).eval()
+        return choose_fastest_forms(exported, self.input_size, batch=self.batch, repeats=self.repeats,
+                                    warmup=self.warmup, inplace=True)[0]
+
+    def __call__(self, model: nn.Module) -> float:
+        reference_ms = self.reference_ms
+        t = self._time({"reference": self.reference, "model": self.export(model)})
+        self.calls += 1
+        return t["model"] * reference_ms / t["reference"]
 
 
 def parse_latency_budget(text: str | float, dense_ms: float) -> float:

@@ -14,6 +14,7 @@ gates are DDP parameters, the regularizer is computed from them on every rank
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -199,6 +200,72 @@ def project_to_budget(model: nn.Module, cost: ModelCost, budget_macs: int, batch
             return changes
         gain, name, layer, j = min(options, key=lambda o: o[0])
         flip(name, layer, j, 1, gain, "on")
+
+
+def project_to_measured_latency(model: nn.Module, cost: ModelCost, budget_macs: int, batches: list, rt: Runtime,
+                                latency, budget_ms: float, measure: Callable[[nn.Module], float], *,
+                                reference_ms: float, tries: int = 4, tolerance: float = 0.05) -> dict[str, Any]:
+    """Project the gates to ``budget_macs`` and a latency budget that holds when *measured*.
+
+    A table predicts each layer alone; the whole model runs differently (folded gathers,
+    fused operators, caches), so the prediction can be off by tens of percent. Each try
+    projects (``project_to_budget``) from the same start to a table target, measures the
+    result (``measure``: ms, e.g. ``latency.MeasuredLatency``) and moves the target by
+    interpolating the measured points, the dense model (the table's dense time,
+    ``reference_ms`` measured) included: the secant method on measured latency. A target
+    the table cannot reach leaves the gates where the projection got stuck (the fastest
+    it found within the MAC budget): that is measured too, and nothing faster is tried.
+    The model is left at the least pruned try that met ``budget_ms`` when measured (else
+    at the fastest); the loop stops once a try is within ``tolerance`` under it. Returns a
+    report with every try. ``measure`` runs on the main rank only and its result is
+    broadcast, so all DDP ranks make the same choice.
+    """
+    layers = [layer for _, layer in dgconv_layers(unwrap(model))]
+    start = [layer.gate_values().tolist() for layer in layers]
+
+    def restore(state: list) -> None:
+        for layer, gates in zip(layers, state):
+            layer.set_gates(gates)
+
+    tried: list[dict[str, Any]] = []
+    points = [(latency.dense_ms, reference_ms)]  # (table target, measured ms); the dense model first
+    floor = 0.0  # the table cannot reach targets under this
+    target = max(budget_ms * latency.dense_ms / reference_ms, latency.minimum_ms)
+    for _ in range(tries):
+        restore(start)
+        try:
+            project_to_budget(model, cost, budget_macs, batches, rt, extra=[latency_constraint(latency, target)])
+            stuck = False
+        except BudgetError:
+            if cost.current_macs() > budget_macs:
+                raise
+            stuck, floor = True, latency.current_ms()
+        measured = rt.broadcast(measure(unwrap(model)) if rt.is_main else None)
+        reached = latency.current_ms() if stuck else target
+        tried.append({"table_target_ms": target, "predicted_ms": latency.current_ms(), "measured_ms": measured,
+                      "met": measured <= budget_ms, "stuck": stuck,
+                      "gates": [layer.gate_values().tolist() for layer in layers]})
+        points.append((reached, measured))
+        if budget_ms * (1 - tolerance) <= measured <= budget_ms or (stuck and measured > budget_ms):
+            break
+        lows = [p for p in points if p[1] <= budget_ms]
+        highs = [p for p in points if p[1] > budget_ms]
+        if not highs:
+            break  # even the dense model meets the budget
+        (t0, m0), (t1, m1) = (max(lows), min(highs)) if lows else sorted(points)[:2]
+        slope = (m1 - m0) / (t1 - t0) if t1 != t0 else 0.0
+        nxt = t0 + (budget_ms - m0) / slope if slope > 0 else reached * budget_ms / measured
+        nxt = max(nxt, floor, latency.minimum_ms)
+        if math.isclose(nxt, target, rel_tol=1e-3) or math.isclose(nxt, reached, rel_tol=1e-3):
+            break
+        target = nxt
+    met = [t for t in tried if t["met"]]
+    best = max(met, key=lambda t: t["measured_ms"]) if met else min(tried, key=lambda t: t["measured_ms"])
+    restore(best["gates"])
+    return {"budget_ms": budget_ms, "reference_ms": reference_ms, "table_dense_ms": latency.dense_ms,
+            "met": best["met"], "measured_ms": best["measured_ms"], "predicted_ms": best["predicted_ms"],
+            "table_target_ms": best["table_target_ms"],
+            "tries": [{k: v for k, v in t.items() if k != "gates"} for t in tried]}
 
 
 def _project(base: nn.Module, cost: ModelCost, budget_macs: int, train_set, cfg: SearchConfig, rt: Runtime,

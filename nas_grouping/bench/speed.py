@@ -8,10 +8,12 @@ is about latency), each MAC budget (a share of the dense MACs) and each batch si
   (``search.project_to_budget`` from all gates on, as the search ends), exported, and
   every exported layer given its fastest exact form and the model its faster layout on
   this machine at that batch (``latency.choose_fastest_forms``);
-- ``ours-latency``: the same with a latency budget beside the MAC budget, from a table
-  profiled at that batch (``latency.profile_layers``): the same share of the dense
-  latency as of the MACs (1/2 of the MACs, 1/2 of the time). When the table says no
-  grouping reaches it, the fastest reachable is asked for, and the row says so;
+- ``ours-latency``: the same with a latency budget beside the MAC budget: the same share
+  of the dense model's measured latency as of the MACs (1/2 of the MACs, 1/2 of the
+  time). A table profiled at that batch (``latency.profile_layers``) steers the
+  projection and whole-model measurements correct its target
+  (``search.project_to_measured_latency``); when no try meets it, the fastest is kept
+  and the row says so;
 - ``torch-pruning``: the dense network channel-pruned by Torch-Pruning (L1 magnitude,
   the classifier kept) at the largest ratio within the same MAC budget.
 
@@ -39,7 +41,7 @@ from tqdm.auto import tqdm
 from ..config import _f
 from ..errors import BudgetError, ConfigError
 from ..fold import count_gathers
-from ..latency import LatencyCost, choose_fastest_forms, fastest_layouts, profile_layers
+from ..latency import LatencyCost, MeasuredLatency, choose_fastest_forms, fastest_layouts, profile_layers
 from ..macs import count_macs
 from .timing import machine_info
 
@@ -136,26 +138,26 @@ def _bound(cost: LatencyCost, model: torch.nn.Module) -> LatencyCost:
     return view
 
 
-def _project(searchable: torch.nn.Module, input_size: tuple[int, ...], budget_macs: int, batches: list,
-             latency: Any = None, budget_ms: float | None = None) -> tuple[torch.nn.Module, bool]:
-    """A copy of ``searchable`` with all gates on, projected to the budgets; whether it met them."""
-    from ..budget import ModelCost
+def _all_on(searchable: torch.nn.Module) -> torch.nn.Module:
+    """A copy of ``searchable`` with every gate on (dense), where a search's projection starts."""
     from ..convert import dgconv_layers
-    from ..runtime import Runtime
-    from ..search import latency_constraint, project_to_budget
 
     model = copy.deepcopy(searchable)
     for _, layer in dgconv_layers(model):
         layer.set_groups(1)
-    extra = None
-    if latency is not None:
-        extra = [latency_constraint(_bound(latency, model), budget_ms)]
-    try:
-        project_to_budget(model, ModelCost(model, input_size), budget_macs, batches, Runtime(torch.device("cpu")),
-                          extra=extra)
-        return model.eval(), True
-    except BudgetError:
-        return model.eval(), False
+    return model
+
+
+def _project(searchable: torch.nn.Module, input_size: tuple[int, ...], budget_macs: int, batches: list
+             ) -> torch.nn.Module:
+    """A copy of ``searchable`` with all gates on, projected to the MAC budget."""
+    from ..budget import ModelCost
+    from ..runtime import Runtime
+    from ..search import project_to_budget
+
+    model = _all_on(searchable)
+    project_to_budget(model, ModelCost(model, input_size), budget_macs, batches, Runtime(torch.device("cpu")))
+    return model.eval()
 
 
 def _grad_batches(searchable: torch.nn.Module, input_size: tuple[int, ...], seed: int) -> list:
@@ -168,36 +170,27 @@ def _grad_batches(searchable: torch.nn.Module, input_size: tuple[int, ...], seed
 
 
 def _with_latency_budget(searchable: torch.nn.Module, input_size: tuple[int, ...], budget_macs: int, batches: list,
-                         macs_only: torch.nn.Module, cost: Any, fraction: float, tries: int = 4
+                         cost: LatencyCost, fraction: float, measure: MeasuredLatency
                          ) -> tuple[torch.nn.Module, dict[str, Any]]:
-    """Gates projected to the MAC budget and ``fraction`` of the dense latency by the table ``cost``.
+    """Gates projected to the MAC budget and ``fraction`` of the dense model's *measured* latency:
+    the table steers the projection, whole-model measurements correct its target
+    (``search.project_to_measured_latency``)."""
+    from ..budget import ModelCost
+    from ..runtime import Runtime
+    from ..search import project_to_measured_latency
 
-    A latency budget the projection cannot meet together with the MAC budget is relaxed by
-    bisection (``tries`` projections, down from what the MAC-only projection reached) to the
-    tightest one it meets; the note says so.
-    """
-    def predicted(model: torch.nn.Module) -> float:
-        return _bound(cost, model).current_ms()
-
-    wanted = fraction * cost.dense_ms
-    lo, hi = max(wanted, cost.minimum_ms), predicted(macs_only)
-    model, best_ms = macs_only, hi
-    for attempt in range(tries):
-        target = lo if attempt == 0 else (lo + hi) / 2
-        if target >= hi:
-            break
-        candidate, met = _project(searchable, input_size, budget_macs, batches, cost, target)
-        if met:
-            model, best_ms, hi = candidate, target, target
-            if attempt == 0:
-                break
-        else:
-            lo = target
-    info = {"table_dense_ms": cost.dense_ms, "budget_ms": best_ms, "predicted_ms": predicted(model)}
-    if best_ms > wanted * 1.0001:
-        info["note"] = (f"{fraction:g} of the dense latency ({wanted:.3f} ms by the table) is out of reach with the "
-                        f"MAC budget; the tightest budget met: {best_ms:.3f} ms")
-    return model, info
+    model = _all_on(searchable)
+    budget_ms = fraction * measure.reference_ms
+    loop = project_to_measured_latency(model, ModelCost(model, input_size), budget_macs, batches,
+                                       Runtime(torch.device("cpu")), _bound(cost, model), budget_ms, measure,
+                                       reference_ms=measure.reference_ms)
+    info = {"table_dense_ms": cost.dense_ms, "budget_ms": budget_ms, "predicted_ms": loop["predicted_ms"],
+            "loop_measured_ms": loop["measured_ms"], "loop_tries": len(loop["tries"])}
+    if not loop["met"]:
+        info["note"] = (f"{fraction:g} of the dense latency ({budget_ms:.3f} ms measured) was not met in "
+                        f"{len(loop['tries'])} measured tries with the MAC budget; the fastest: "
+                        f"{loop['measured_ms']:.3f} ms (table {loop['predicted_ms']:.3f} ms)")
+    return model.eval(), info
 
 
 def _export_fastest(model: torch.nn.Module, input_size: tuple[int, ...], batch: int
@@ -232,17 +225,17 @@ def run_speed(cfg: SpeedConfig) -> pd.DataFrame:
         batches = _grad_batches(searchable, size, cfg.seed)
         for budget in cfg.budgets:
             pruned[budget] = torch_pruning_prune(dense, size, int(budget * dense_macs))
-            macs_only[budget], _ = _project(searchable, size, int(budget * dense_macs), batches)
+            macs_only[budget] = _project(searchable, size, int(budget * dense_macs), batches)
             bar.update()
         for batch in cfg.batches:
             cost = LatencyCost(searchable, profile_layers(searchable, size, batch=batch, repeats=cfg.profile_repeats,
                                                           warmup=1))
+            measure = MeasuredLatency(dense, size, batch=batch, repeats=cfg.profile_repeats, warmup=1)
             models: dict[str, torch.nn.Module] = {"dense": dense}
             meta: dict[str, dict[str, Any]] = {"dense": {"method": "dense", "budget": 1.0}}
             for budget in cfg.budgets:
                 budget_macs = int(budget * dense_macs)
-                gated, info = _with_latency_budget(searchable, size, budget_macs, batches, macs_only[budget], cost,
-                                                   budget)
+                gated, info = _with_latency_budget(searchable, size, budget_macs, batches, cost, budget, measure)
                 for method, chosen, extra in (("ours-macs", macs_only[budget], {}), ("ours-latency", gated, info)):
                     model, forms = _export_fastest(chosen, size, batch)
                     models[f"{method}@{budget}"] = model
@@ -265,7 +258,8 @@ def run_speed(cfg: SpeedConfig) -> pd.DataFrame:
                     "ms": ms, "layout": layout, "speedup": dense_ms / ms,
                     "speedup_per_mac_reduction": (dense_ms / ms) / (dense_macs / macs),
                     "latency_budget_ms": m.get("budget_ms"), "predicted_ms": m.get("predicted_ms"),
-                    "table_dense_ms": m.get("table_dense_ms"), "pruning_ratio": m.get("ratio"),
+                    "table_dense_ms": m.get("table_dense_ms"), "loop_measured_ms": m.get("loop_measured_ms"),
+                    "loop_tries": m.get("loop_tries"), "pruning_ratio": m.get("ratio"),
                     "dense_form_layers": m.get("dense_form_layers"), "channel_gathers": m.get("channel_gathers"),
                     "note": m.get("note", ""),
                 })
