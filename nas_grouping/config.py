@@ -70,6 +70,9 @@ class SearchConfig:
                                     "a fraction of the dense model's latency (0.5), predicted from a measured table")
     latency_table: str | None = _f(None, "latency table from `nas-grouping profile` (default: profile now, on this "
                                    "machine, and save it in the run folder)")
+    latency_measured: bool = _f(False, "make the latency budget hold when measured: fractions are of the dense "
+                                "model's measured latency, and the final projection measures each try's export on "
+                                "this machine and corrects the table's target (search.project_to_measured_latency)")
     out: str = _f("runs/search", "run folder (checkpoint, exported model, reports)")
     progress: bool = _f(True, "show progress bars")
 

@@ -30,7 +30,7 @@ import torch
 from torch import Tensor, nn
 
 from ._io import atomic_write
-from .bench.timing import freed_memory_kept, keep_freed_memory, median_ms, sample_ms
+from .bench.timing import enough_repeats, freed_memory_kept, keep_freed_memory, median_ms, sample_ms
 from .convert import dgconv_layers
 from .errors import BudgetError, ConfigError
 from .export import LAYERS_ATTR, LAYOUT_ATTR, export_model, replace_layer
@@ -204,8 +204,9 @@ class MeasuredLatency:
 
     Each call exports the model (gathers folded, fastest exact forms and layout chosen) and
     times it side by side with ``reference`` (the dense model), each in its faster layout; the
-    time is scaled by the reference's first measurement, so drift of the machine between calls
-    cancels. ``reference_ms`` is that first measurement. A table predicts; this is what counts
+    time is scaled by the reference's first measurement (``reference_ms``), so drift of the
+    machine between calls cancels and a budget that is a share of ``reference_ms`` is met
+    exactly when the measured ratio is. ``repeats`` is raised to about a second of calls. A table predicts; this is what counts
     (``search.project_to_measured_latency`` closes the loop with it).
     """
 
@@ -223,8 +224,11 @@ class MeasuredLatency:
 
     @property
     def reference_ms(self) -> float:
+        """The reference's time, with repetitions raised to about a second of calls (``enough_repeats``)."""
         if self._reference_ms is None:
-            self._reference_ms = self._time({"reference": self.reference})["reference"]
+            probe, asked = self._time({"reference": self.reference})["reference"], self.repeats
+            self.repeats = enough_repeats(probe, asked)
+            self._reference_ms = self._time({"reference": self.reference})["reference"] if self.repeats > asked else probe
         return self._reference_ms
 
     def export(self, model: nn.Module) -> nn.Module:
@@ -388,7 +392,9 @@ def profile_layers(model: nn.Module, input_size: Sequence[int], *, batch: int = 
     dense = copy.deepcopy(model)
     for _, layer in dgconv_layers(dense):
         layer.set_groups(1)
-    model_ms = measure_ms(export_model(dense), size, batch=batch, layouts=(layout,), repeats=repeats,
+    whole = export_model(dense)
+    probe = measure_ms(whole, size, batch=batch, layouts=(layout,), repeats=1, warmup=warmup)[layout]
+    model_ms = measure_ms(whole, size, batch=batch, layouts=(layout,), repeats=enough_repeats(probe, repeats),
                           warmup=warmup)[layout]
     meta = table_meta(model, size, batch=batch, layout=layout, repeats=repeats, warmup=warmup, model_ms=model_ms)
     return LatencyTable(meta=meta, rows=rows)

@@ -214,77 +214,115 @@ def project_to_measured_latency(model: nn.Module, cost: ModelCost, budget_macs: 
     interpolating the measured points, the dense model (the table's dense time,
     ``reference_ms`` measured) included: the secant method on measured latency. A target
     the table cannot reach leaves the gates where the projection got stuck (the fastest
-    it found within the MAC budget): that is measured too, and nothing faster is tried.
+    it found within the MAC budget): that is measured too, and nothing faster is tried. A
+    target the MAC budget cannot meet (on narrow layers grouping can be slower than dense)
+    moves the target halfway up; if none is met, the MAC budget alone is projected.
     The model is left at the least pruned try that met ``budget_ms`` when measured (else
     at the fastest); the loop stops once a try is within ``tolerance`` under it. Returns a
     report with every try. ``measure`` runs on the main rank only and its result is
     broadcast, so all DDP ranks make the same choice.
     """
-    layers = [layer for _, layer in dgconv_layers(unwrap(model))]
-    start = [layer.gate_values().tolist() for layer in layers]
+    named = dgconv_layers(unwrap(model))
+    layers = [layer for _, layer in named]
 
-    def restore(state: list) -> None:
-        for layer, gates in zip(layers, state):
-            layer.set_gates(gates)
+    def snapshot() -> list[torch.Tensor]:
+        return [layer.gate_latent.detach().clone() for layer in layers]
+
+    def restore(state: list[torch.Tensor]) -> None:
+        with torch.no_grad():
+            for layer, latent in zip(layers, state):
+                layer.gate_latent.copy_(latent)
+
+    start = snapshot()
 
     tried: list[dict[str, Any]] = []
+    conflicts: list[float] = []  # table targets the MAC budget cannot meet (it needs more latency)
     points = [(latency.dense_ms, reference_ms)]  # (table target, measured ms); the dense model first
-    floor = 0.0  # the table cannot reach targets under this
-    target = max(budget_ms * latency.dense_ms / reference_ms, latency.minimum_ms)
-    for _ in range(tries):
+    floor = latency.minimum_ms  # the table cannot go under this
+
+    def try_target(target: float | None) -> None:
         restore(start)
+        extra = [latency_constraint(latency, target)] if target is not None else None
+        stuck = False
         try:
-            project_to_budget(model, cost, budget_macs, batches, rt, extra=[latency_constraint(latency, target)])
-            stuck = False
+            project_to_budget(model, cost, budget_macs, batches, rt, extra=extra)
         except BudgetError:
-            if cost.current_macs() > budget_macs:
+            if target is None or cost.current_macs() > budget_macs:
                 raise
-            stuck, floor = True, latency.current_ms()
+            stuck = True  # the MAC budget holds; the table has nothing faster: measure what it reached
         measured = rt.broadcast(measure(unwrap(model)) if rt.is_main else None)
-        reached = latency.current_ms() if stuck else target
         tried.append({"table_target_ms": target, "predicted_ms": latency.current_ms(), "measured_ms": measured,
-                      "met": measured <= budget_ms, "stuck": stuck,
-                      "gates": [layer.gate_values().tolist() for layer in layers]})
-        points.append((reached, measured))
-        if budget_ms * (1 - tolerance) <= measured <= budget_ms or (stuck and measured > budget_ms):
-            break
+                      "met": measured <= budget_ms, "stuck": stuck, "gates": snapshot()})
+        points.append((latency.current_ms() if stuck or target is None else target, measured))
+
+    target = max(budget_ms * latency.dense_ms / reference_ms, floor)
+    for _ in range(tries):
+        try:
+            try_target(target)
+        except BudgetError:
+            conflicts.append(target)
+            floor = max(floor, target)
+        else:
+            last = tried[-1]
+            if budget_ms * (1 - tolerance) <= last["measured_ms"] <= budget_ms:
+                break
+            if last["stuck"]:
+                floor = max(floor, last["predicted_ms"])
+                if not last["met"]:
+                    break  # nothing faster is within reach of the table
         lows = [p for p in points if p[1] <= budget_ms]
         highs = [p for p in points if p[1] > budget_ms]
         if not highs:
             break  # even the dense model meets the budget
-        (t0, m0), (t1, m1) = (max(lows), min(highs)) if lows else sorted(points)[:2]
-        slope = (m1 - m0) / (t1 - t0) if t1 != t0 else 0.0
-        nxt = t0 + (budget_ms - m0) / slope if slope > 0 else reached * budget_ms / measured
-        nxt = max(nxt, floor, latency.minimum_ms)
-        if math.isclose(nxt, target, rel_tol=1e-3) or math.isclose(nxt, reached, rel_tol=1e-3):
+        nxt = math.nan
+        if len(points) > 1 and not conflicts:
+            (t0, m0), (t1, m1) = (max(lows), min(highs)) if lows else sorted(points)[:2]
+            if t1 != t0 and m1 > m0:
+                nxt = t0 + (budget_ms - m0) * (t1 - t0) / (m1 - m0)
+        if not nxt > floor:  # under what the table or the MAC budget allows: halve the way up instead
+            nxt = (floor + min(highs)[0]) / 2
+        if math.isclose(nxt, target, rel_tol=1e-3):
             break
         target = nxt
+    if not tried:  # every latency target conflicted with the MAC budget: the MAC budget alone
+        try_target(None)
     met = [t for t in tried if t["met"]]
     best = max(met, key=lambda t: t["measured_ms"]) if met else min(tried, key=lambda t: t["measured_ms"])
     restore(best["gates"])
-    return {"budget_ms": budget_ms, "reference_ms": reference_ms, "table_dense_ms": latency.dense_ms,
+    changes = [{"action": "on" if b else "off", "layer": name, "gate": j, "groups_after": layer.learned_groups}
+               for (name, layer), z0, z1 in zip(named, start, best["gates"])
+               for j, (a, b) in enumerate(zip((z0 >= 0).tolist(), (z1 >= 0).tolist())) if a != b]
+    return {"changes": changes, "budget_ms": budget_ms, "reference_ms": reference_ms, "table_dense_ms": latency.dense_ms,
             "met": best["met"], "measured_ms": best["measured_ms"], "predicted_ms": best["predicted_ms"],
             "table_target_ms": best["table_target_ms"],
             "tries": [{k: v for k, v in t.items() if k != "gates"} for t in tried]}
 
 
 def _project(base: nn.Module, cost: ModelCost, budget_macs: int, train_set, cfg: SearchConfig, rt: Runtime,
-             epoch: int, latency=None, latency_budget_ms: float | None = None) -> list[dict[str, Any]]:
-    """Projection at the end of the search, on a few seeded training batches."""
+             epoch: int, latency=None, latency_budget_ms: float | None = None, measured=None
+             ) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
+    """Projection at the end of the search, on a few seeded training batches: the gate changes, and the
+    measured-latency loop's report when ``measured`` = (measure, reference ms, budget ms) closes the loop."""
     loader = epoch_loader(train_set, rt, batch_size=cfg.data.batch_size, train=True, seed=cfg.seed + 31, epoch=epoch)
     batches = [b for _, b in zip(range(4), loader)]
     _set_gate_training(base, True)
+    if measured is not None:
+        measure, reference_ms, budget_ms = measured
+        loop = project_to_measured_latency(rt.prepare(base), cost, budget_macs, batches, rt, latency, budget_ms,
+                                           measure, reference_ms=reference_ms)
+        return loop.pop("changes"), loop
     extra = [latency_constraint(latency, latency_budget_ms)] if latency is not None else None
-    return project_to_budget(rt.prepare(base), cost, budget_macs, batches, rt, extra=extra)
+    return project_to_budget(rt.prepare(base), cost, budget_macs, batches, rt, extra=extra), None
 
 
-def _latency_budget(cfg: SearchConfig, base: nn.Module, input_size, rt: Runtime, out: Path):
-    """The latency cost and budget (ms) when ``cfg.latency_budget`` is set, else (None, None).
+def _latency_budget(cfg: SearchConfig, base: nn.Module, input_size, rt: Runtime, out: Path, num_classes: int):
+    """The latency cost, its budget (ms, the table's) and, with ``cfg.latency_measured``, (measure,
+    measured dense ms, measured budget ms) for the final projection; (None, None, None) without a budget.
 
     The table is measured on rank 0 and broadcast, so every rank optimises the same numbers.
     """
     if cfg.latency_budget is None or cfg.dense or cfg.fixed_groups is not None:
-        return None, None
+        return None, None, None
     from .latency import LatencyCost, LatencyTable, parse_latency_budget, profile_layers
 
     table = None
@@ -299,8 +337,24 @@ def _latency_budget(cfg: SearchConfig, base: nn.Module, input_size, rt: Runtime,
     table = rt.broadcast(table)
     latency = LatencyCost(base, table)
     budget_ms = parse_latency_budget(cfg.latency_budget, latency.dense_ms)
-    latency.check_budget(budget_ms)
-    return latency, budget_ms
+    measured = None
+    if cfg.latency_measured:
+        from search_spaces import get_space
+
+        from .latency import MeasuredLatency
+
+        measure = None
+        if rt.is_main:
+            dense = get_space(cfg.space, num_classes=num_classes, in_channels=input_size[0], dense=True,
+                              **cfg.space_kwargs)
+            measure = MeasuredLatency(dense, input_size, batch=cfg.latency_batch)
+        reference_ms = rt.broadcast(measure.reference_ms if rt.is_main else None)
+        measured_budget = parse_latency_budget(cfg.latency_budget, reference_ms)
+        measured = (measure, reference_ms, measured_budget)
+        budget_ms = measured_budget * latency.dense_ms / reference_ms  # the table's units, for the regularizer
+    else:  # a measured budget is judged by measuring (the loop reports it unmet); a predicted one fails now
+        latency.check_budget(budget_ms)
+    return latency, budget_ms, measured
 
 
 def make_gate_optimizer(params: list[nn.Parameter], kind: str, lr: float, momentum: float = 0.0) -> torch.optim.Optimizer:
@@ -390,7 +444,8 @@ def search(cfg: SearchConfig, *, resume: bool = False,
             raise ConfigError(f"space {cfg.space!r} has no DGConv2d layer to search")
         cost.check_budget(budget_macs)
 
-    latency, latency_budget_ms = _latency_budget(cfg, base, input_size, rt, out)
+    latency, latency_budget_ms, measured = _latency_budget(cfg, base, input_size, rt, out, ds.num_classes)
+    latency_loop = None
     base.to(rt.device)  # before the optimizers load any state, so it lands on the right device
 
     train_set, gate_set = ds.train, None
@@ -423,6 +478,7 @@ def search(cfg: SearchConfig, *, resume: bool = False,
             gate_opt.load_state_dict(ckpt["gate_opt"])
         scheduler.load_state_dict(ckpt["scheduler"])
         history, flips, start_epoch = ckpt["history"], ckpt["flips"], ckpt["next_epoch"]
+        latency_loop = ckpt.get("latency_loop")
         torch.set_rng_state(ckpt["rng"])
     if rt.is_main:
         out.mkdir(parents=True, exist_ok=True)
@@ -440,7 +496,8 @@ def search(cfg: SearchConfig, *, resume: bool = False,
     for epoch in bar:
         phase = _phase(cfg, epoch)
         if phase == "finetune" and flips is None:
-            flips = _project(base, cost, budget_macs, train_set, cfg, rt, epoch, latency, latency_budget_ms)
+            flips, latency_loop = _project(base, cost, budget_macs, train_set, cfg, rt, epoch, latency,
+                                           latency_budget_ms, measured)
             if flips and rt.is_main:
                 tqdm.write(f"[nas-grouping] projected to the budget by {len(flips)} gate change(s): "
                            + ", ".join(f"{f['layer']} {f['action']}->G={f['groups_after']}" for f in flips))
@@ -486,7 +543,8 @@ def search(cfg: SearchConfig, *, resume: bool = False,
             save_checkpoint({
                 "config": config_to_dict(cfg), "model": base.state_dict(), "weight_opt": weight_opt.state_dict(),
                 "gate_opt": gate_opt.state_dict() if gate_opt is not None else None,
-                "scheduler": scheduler.state_dict(), "history": history, "flips": flips, "next_epoch": epoch + 1,
+                "scheduler": scheduler.state_dict(), "history": history, "flips": flips, "latency_loop": latency_loop,
+                "next_epoch": epoch + 1,
                 "rng": torch.get_rng_state(),
             }, out / CHECKPOINT)
             if on_epoch is not None:
@@ -495,8 +553,8 @@ def search(cfg: SearchConfig, *, resume: bool = False,
     bar.close()
 
     if flips is None:  # the run had no fine-tuning epoch: project now
-        flips = _project(base, cost, budget_macs, train_set, cfg, rt, total, latency, latency_budget_ms) \
-            if not fixed else []
+        flips, latency_loop = _project(base, cost, budget_macs, train_set, cfg, rt, total, latency,
+                                       latency_budget_ms, measured) if not fixed else ([], None)
     groups = groups_per_layer(base)
     if any(g != groups for g in rt.gather(groups)):
         raise RuntimeError(f"ranks disagree on the learned groups: {rt.gather(groups)}")  # never expected
@@ -544,6 +602,7 @@ def search(cfg: SearchConfig, *, resume: bool = False,
         "export_max_abs_diff": max_diff, "epochs": total, "wall_time_s": time.perf_counter() - start_time,
         "latency": latency_measured,
         **_latency_summary(latency_cost, latency_budget_ms, exported, input_size, cfg, latency_measured),
+        **({"latency_measured_loop": latency_loop} if latency_loop is not None else {}),
         "groups": groups, "world_size": rt.world_size, "ranks_agree_on_groups": True, "device": str(rt.device),
     }
     if rt.is_main:

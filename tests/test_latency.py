@@ -327,3 +327,96 @@ def test_keep_freed_memory_applies_once_and_can_be_opted_out(monkeypatch):
     monkeypatch.setenv("NAS_GROUPING_MALLOC", "system")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
     assert out == ["False", "False", "False", "False"]
+
+
+def _measured_loop(measure, budget_ms: float, macs_share: float = 1.0, **kw):
+    """project_to_measured_latency on the small net with the pattern table; returns (model, cost, report)."""
+    from nas_grouping.budget import ModelCost
+    from nas_grouping.latency import LatencyCost
+    from nas_grouping.runtime import Runtime
+    from nas_grouping.search import project_to_measured_latency
+
+    model = searched_net()
+    for _, layer in dgconv_layers(model):
+        layer.set_groups(1)
+    cost = LatencyCost(model, _pattern_table(model, 0.5))
+    x = torch.randn(8, 1, 8, 8)
+    budget_macs = int(macs_share * count_macs(model, (1, 8, 8)))
+    report = project_to_measured_latency(
+        model, ModelCost(model, (1, 8, 8)), budget_macs, [(x, torch.arange(8) % 10)], Runtime(torch.device("cpu")),
+        cost, budget_ms, lambda m: measure(cost), reference_ms=measure(cost), **kw)
+    return model, cost, report
+
+
+def test_measured_latency_loop_corrects_a_table_that_is_off():
+    """The table says 100 ms dense, the machine runs the searched layers 2x faster than the table and the
+    rest in 20 ms: the loop meets the *measured* budget, close under it, where the table's own target would
+    have pruned much further."""
+    def measure(cost):
+        return 20.0 + 0.5 * (cost.current_ms() - cost.base_ms)
+
+    model, cost, report = _measured_loop(measure, budget_ms=40.0)
+    assert report["met"] and report["measured_ms"] <= 40.0
+    assert report["measured_ms"] >= 40.0 * 0.9  # not pruned far beyond the budget
+    assert report["measured_ms"] == pytest.approx(measure(cost))  # the model is left at the reported try
+    assert 1 <= len(report["tries"]) <= 4
+    # trusting the table (budget 40 ms of its 100 ms dense) would have meant a 20 ms table target: all gates off
+    assert report["predicted_ms"] > 40.0
+
+
+def test_measured_latency_loop_out_of_reach_keeps_the_fastest_and_says_so():
+    def measure(cost):
+        return 50.0 + cost.current_ms()
+
+    model, cost, report = _measured_loop(measure, budget_ms=60.0)
+    assert not report["met"]
+    assert report["measured_ms"] == min(t["measured_ms"] for t in report["tries"])
+    assert report["measured_ms"] == pytest.approx(measure(cost))
+    # the table's fastest is reached, and nothing is tried twice once the target cannot move
+    assert report["predicted_ms"] == pytest.approx(cost.minimum_ms) and len(report["tries"]) <= 2
+
+
+def test_measured_latency_loop_respects_the_mac_budget_and_a_loose_latency_budget():
+    def measure(cost):
+        return cost.current_ms()
+
+    model, cost, report = _measured_loop(measure, budget_ms=1e6, macs_share=0.5)
+    assert report["met"] and len(report["tries"]) == 1
+    dense = get_space("digits_convnet", dense=True, **SMALL)
+    assert count_macs(model, (1, 8, 8)) <= 0.5 * count_macs(dense, (1, 8, 8))
+
+
+def test_measured_latency_times_the_export_against_the_reference():
+    from nas_grouping.latency import MeasuredLatency
+
+    dense = get_space("digits_convnet", dense=True, **SMALL).eval()
+    measure = MeasuredLatency(dense, (1, 8, 8), batch=2, repeats=2, warmup=1)
+    ref = measure.reference_ms
+    assert ref > 0 and measure.reference_ms == ref  # measured once
+    ms = measure(searched_net())
+    assert ms > 0 and measure.calls == 1
+    exported = measure.export(searched_net())
+    assert getattr(exported, "nas_grouping_layout", None) in ("nchw", "channels_last")
+
+
+def test_search_with_a_measured_latency_budget_closes_the_loop(tmp_path):
+    """--latency-measured: the budget is a share of the dense model's measured latency, and the final
+    projection measures its tries; the report carries every try, and the chosen one is the least pruned
+    that met the budget when measured (or the fastest, flagged not met)."""
+    from nas_grouping.config import SearchConfig
+    from nas_grouping.data import DataConfig
+    from nas_grouping.search import search
+
+    cfg = SearchConfig(space="digits_convnet", space_kwargs=SMALL, epochs=2, warmup_epochs=1, finetune_epochs=1,
+                       budget=0.9, latency_budget="0.8", latency_measured=True, progress=False,
+                       measure_latency=False, out=str(tmp_path / "run"), data=DataConfig(batch_size=128))
+    s = search(cfg).summary
+    loop = s["latency_measured_loop"]
+    assert 1 <= len(loop["tries"]) <= 4 and loop["reference_ms"] > 0
+    assert loop["budget_ms"] == pytest.approx(0.8 * loop["reference_ms"])
+    assert loop["met"] == (loop["measured_ms"] <= loop["budget_ms"])
+    met = [t["measured_ms"] for t in loop["tries"] if t["met"]]
+    assert loop["measured_ms"] == (max(met) if met else min(t["measured_ms"] for t in loop["tries"]))
+    assert s["budget_met"]  # the MAC budget holds whatever the latency does
+    ckpt = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)
+    assert ckpt["latency_loop"]["tries"] == loop["tries"]  # a resumed run reports the same loop
