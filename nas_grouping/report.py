@@ -123,6 +123,11 @@ def format_summary(summary: dict[str, Any]) -> str:
             lines.append(f"per-layer latency in {lat['layers_file']} (.json, .png)"
                          + ("; outside the conv/linear layers (BN, ReLU, adds, gathers): " + "; ".join(rest)
                             if rest else ""))
+    loop = summary.get("latency_measured_loop")
+    if loop:
+        lines.append(f"latency budget {loop['budget_ms']:.3f} ms measured (dense {loop['reference_ms']:.3f} ms): "
+                     f"{'met' if loop['met'] else 'NOT met'}, {loop['measured_ms']:.3f} ms after "
+                     f"{len(loop['tries'])} measured projection(s); the table predicted {loop['predicted_ms']:.3f} ms")
     if summary.get("groups"):
         lines.append("groups per layer: " + ", ".join(f"{k}={v}" for k, v in summary["groups"].items()))
     return "\n".join(lines)

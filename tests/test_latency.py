@@ -418,5 +418,8 @@ def test_search_with_a_measured_latency_budget_closes_the_loop(tmp_path):
     met = [t["measured_ms"] for t in loop["tries"] if t["met"]]
     assert loop["measured_ms"] == (max(met) if met else min(t["measured_ms"] for t in loop["tries"]))
     assert s["budget_met"]  # the MAC budget holds whatever the latency does
+    from nas_grouping.report import format_summary
+
+    assert f"after {len(loop['tries'])} measured projection(s)" in format_summary(s)
     ckpt = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)
     assert ckpt["latency_loop"]["tries"] == loop["tries"]  # a resumed run reports the same loop
