@@ -24,7 +24,7 @@ import statistics
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -40,7 +40,7 @@ from .ops.group_conv import PermutedGroupConv2d
 
 __all__ = ["gate_pattern", "keep_freed_memory", "device_name", "measured_on", "table_meta", "sample_models",
            "fastest_layouts", "measure_ms", "choose_fastest_forms", "latency_report", "LatencyTable", "profile_layers",
-           "LatencyCost", "MeasuredLatency", "parse_latency_budget", "LatencyDeviceWarning"]
+           "LatencyCost", "MeasuredLatency", "meet_measured_budget", "parse_latency_budget", "LatencyDeviceWarning"]
 
 #: the memory layouts every model is timed in; it counts in the faster one
 LAYOUTS = ("nchw", "channels_last")
@@ -242,6 +242,60 @@ class MeasuredLatency:
         t = self._time({"reference": self.reference, "model": self.export(model)})
         self.calls += 1
         return t["model"] * reference_ms / t["reference"]
+
+
+def meet_measured_budget(attempt: Callable[[float], dict[str, Any]], budget_ms: float, *, table_dense_ms: float,
+                         reference_ms: float, floor: float, tries: int = 4, tolerance: float = 0.05
+                         ) -> tuple[dict[str, Any] | None, list[dict[str, Any]]]:
+    """The table target whose result, *measured*, meets ``budget_ms``: the secant method on measurements.
+
+    ``attempt(target)`` makes a model for a table target (ms in the table's units) and returns
+    a dict with ``measured_ms``, ``reached`` (the table's time of what it made) and ``stuck``
+    (the table had nothing faster), or raises ``BudgetError`` when another budget forbids that
+    target. The first target is ``budget_ms`` in table units (by the dense times); the next
+    ones interpolate the measured points, the dense model (``table_dense_ms``,
+    ``reference_ms``) included; targets under ``floor`` (or one that conflicted) are replaced
+    by halving the way up. Stops within ``tolerance`` under the budget, when a stuck try
+    misses it, or after ``tries``. Returns the chosen try (the least pruned that met the
+    budget, else the fastest; None if no attempt succeeded) and every try.
+    """
+    tried: list[dict[str, Any]] = []
+    points = [(table_dense_ms, reference_ms)]  # (table target, measured ms)
+    conflicted = False
+    target = max(budget_ms * table_dense_ms / reference_ms, floor)
+    for _ in range(tries):
+        try:
+            result = {"table_target_ms": target, **attempt(target)}
+        except BudgetError:
+            conflicted, floor = True, max(floor, target)
+        else:
+            result["met"] = result["measured_ms"] <= budget_ms
+            tried.append(result)
+            points.append((result["reached"] if result["stuck"] else target, result["measured_ms"]))
+            if budget_ms * (1 - tolerance) <= result["measured_ms"] <= budget_ms:
+                break
+            if result["stuck"]:
+                floor = max(floor, result["reached"])
+                if not result["met"]:
+                    break  # nothing faster is within reach of the table
+        lows = [p for p in points if p[1] <= budget_ms]
+        highs = [p for p in points if p[1] > budget_ms]
+        if not highs:
+            break  # even the dense model meets the budget
+        nxt = math.nan
+        if len(points) > 1 and not conflicted:
+            (t0, m0), (t1, m1) = (max(lows), min(highs)) if lows else sorted(points)[:2]
+            if t1 != t0 and m1 > m0:
+                nxt = t0 + (budget_ms - m0) * (t1 - t0) / (m1 - m0)
+        if not nxt > floor:  # under what the table or another budget allows: halve the way up instead
+            nxt = (floor + min(highs)[0]) / 2
+        if math.isclose(nxt, target, rel_tol=1e-3):
+            break
+        target = nxt
+    met = [t for t in tried if t["met"]]
+    best = max(met, key=lambda t: t["measured_ms"]) if met else min(
+        tried, key=lambda t: t["measured_ms"]) if tried else None
+    return best, tried
 
 
 def parse_latency_budget(text: str | float, dense_ms: float) -> float:

@@ -14,7 +14,6 @@ gates are DDP parameters, the regularizer is computed from them on every rank
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -209,19 +208,20 @@ def project_to_measured_latency(model: nn.Module, cost: ModelCost, budget_macs: 
 
     A table predicts each layer alone; the whole model runs differently (folded gathers,
     fused operators, caches), so the prediction can be off by tens of percent. Each try
-    projects (``project_to_budget``) from the same start to a table target, measures the
-    result (``measure``: ms, e.g. ``latency.MeasuredLatency``) and moves the target by
-    interpolating the measured points, the dense model (the table's dense time,
-    ``reference_ms`` measured) included: the secant method on measured latency. A target
-    the table cannot reach leaves the gates where the projection got stuck (the fastest
-    it found within the MAC budget): that is measured too, and nothing faster is tried. A
-    target the MAC budget cannot meet (on narrow layers grouping can be slower than dense)
-    moves the target halfway up; if none is met, the MAC budget alone is projected.
-    The model is left at the least pruned try that met ``budget_ms`` when measured (else
-    at the fastest); the loop stops once a try is within ``tolerance`` under it. Returns a
-    report with every try. ``measure`` runs on the main rank only and its result is
+    projects (``project_to_budget``) from the same start to a table target and measures the
+    result (``measure``: ms, e.g. ``latency.MeasuredLatency``); ``latency.meet_measured_budget``
+    moves the target (the secant method on measured latency, the dense model's
+    ``reference_ms`` included). A target the table cannot reach leaves the gates where the
+    projection got stuck (the fastest it found within the MAC budget): that is measured, and
+    nothing faster is tried. A target the MAC budget cannot meet (on narrow layers grouping
+    can be slower than dense) moves halfway up; if none is met, the MAC budget alone is
+    projected. The model is left at the least pruned try that met ``budget_ms`` when
+    measured, else at the fastest. Returns a report with every try and the gate changes from
+    the start (``changes``). ``measure`` runs on the main rank only and its result is
     broadcast, so all DDP ranks make the same choice.
     """
+    from .latency import meet_measured_budget
+
     named = dgconv_layers(unwrap(model))
     layers = [layer for _, layer in named]
 
@@ -235,12 +235,7 @@ def project_to_measured_latency(model: nn.Module, cost: ModelCost, budget_macs: 
 
     start = snapshot()
 
-    tried: list[dict[str, Any]] = []
-    conflicts: list[float] = []  # table targets the MAC budget cannot meet (it needs more latency)
-    points = [(latency.dense_ms, reference_ms)]  # (table target, measured ms); the dense model first
-    floor = latency.minimum_ms  # the table cannot go under this
-
-    def try_target(target: float | None) -> None:
+    def try_target(target: float | None) -> dict[str, Any]:
         restore(start)
         extra = [latency_constraint(latency, target)] if target is not None else None
         stuck = False
@@ -248,46 +243,19 @@ def project_to_measured_latency(model: nn.Module, cost: ModelCost, budget_macs: 
             project_to_budget(model, cost, budget_macs, batches, rt, extra=extra)
         except BudgetError:
             if target is None or cost.current_macs() > budget_macs:
-                raise
+                raise  # the MAC budget needs more latency than this target
             stuck = True  # the MAC budget holds; the table has nothing faster: measure what it reached
         measured = rt.broadcast(measure(unwrap(model)) if rt.is_main else None)
-        tried.append({"table_target_ms": target, "predicted_ms": latency.current_ms(), "measured_ms": measured,
-                      "met": measured <= budget_ms, "stuck": stuck, "gates": snapshot()})
-        points.append((latency.current_ms() if stuck or target is None else target, measured))
+        return {"predicted_ms": latency.current_ms(), "measured_ms": measured, "reached": latency.current_ms(),
+                "stuck": stuck, "gates": snapshot()}
 
-    target = max(budget_ms * latency.dense_ms / reference_ms, floor)
-    for _ in range(tries):
-        try:
-            try_target(target)
-        except BudgetError:
-            conflicts.append(target)
-            floor = max(floor, target)
-        else:
-            last = tried[-1]
-            if budget_ms * (1 - tolerance) <= last["measured_ms"] <= budget_ms:
-                break
-            if last["stuck"]:
-                floor = max(floor, last["predicted_ms"])
-                if not last["met"]:
-                    break  # nothing faster is within reach of the table
-        lows = [p for p in points if p[1] <= budget_ms]
-        highs = [p for p in points if p[1] > budget_ms]
-        if not highs:
-            break  # even the dense model meets the budget
-        nxt = math.nan
-        if len(points) > 1 and not conflicts:
-            (t0, m0), (t1, m1) = (max(lows), min(highs)) if lows else sorted(points)[:2]
-            if t1 != t0 and m1 > m0:
-                nxt = t0 + (budget_ms - m0) * (t1 - t0) / (m1 - m0)
-        if not nxt > floor:  # under what the table or the MAC budget allows: halve the way up instead
-            nxt = (floor + min(highs)[0]) / 2
-        if math.isclose(nxt, target, rel_tol=1e-3):
-            break
-        target = nxt
-    if not tried:  # every latency target conflicted with the MAC budget: the MAC budget alone
-        try_target(None)
-    met = [t for t in tried if t["met"]]
-    best = max(met, key=lambda t: t["measured_ms"]) if met else min(tried, key=lambda t: t["measured_ms"])
+    best, tried = meet_measured_budget(try_target, budget_ms, table_dense_ms=latency.dense_ms,
+                                       reference_ms=reference_ms, floor=latency.minimum_ms, tries=tries,
+                                       tolerance=tolerance)
+    if best is None:  # every latency target conflicted with the MAC budget: the MAC budget alone
+        best = {"table_target_ms": None, **try_target(None)}
+        best["met"] = best["measured_ms"] <= budget_ms
+        tried.append(best)
     restore(best["gates"])
     changes = [{"action": "on" if b else "off", "layer": name, "gate": j, "groups_after": layer.learned_groups}
                for (name, layer), z0, z1 in zip(named, start, best["gates"])
@@ -295,7 +263,7 @@ def project_to_measured_latency(model: nn.Module, cost: ModelCost, budget_macs: 
     return {"changes": changes, "budget_ms": budget_ms, "reference_ms": reference_ms, "table_dense_ms": latency.dense_ms,
             "met": best["met"], "measured_ms": best["measured_ms"], "predicted_ms": best["predicted_ms"],
             "table_target_ms": best["table_target_ms"],
-            "tries": [{k: v for k, v in t.items() if k != "gates"} for t in tried]}
+            "tries": [{k: v for k, v in t.items() if k not in ("gates", "reached")} for t in tried]}
 
 
 def _project(base: nn.Module, cost: ModelCost, budget_macs: int, train_set, cfg: SearchConfig, rt: Runtime,

@@ -423,3 +423,28 @@ def test_search_with_a_measured_latency_budget_closes_the_loop(tmp_path):
     assert f"after {len(loop['tries'])} measured projection(s)" in format_summary(s)
     ckpt = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)
     assert ckpt["latency_loop"]["tries"] == loop["tries"]  # a resumed run reports the same loop
+
+
+def test_meet_measured_budget_secant_and_conflicts():
+    """The search on measurements alone: a machine where time = 0.5 x table + 10 converges under the budget;
+    targets another budget forbids (under 70 ms by the table) are climbed out of, halving the way up."""
+    from nas_grouping import BudgetError
+    from nas_grouping.latency import meet_measured_budget
+
+    def machine(target):
+        return {"measured_ms": 0.5 * target + 10, "reached": target, "stuck": False}
+
+    best, tried = meet_measured_budget(machine, 40.0, table_dense_ms=100.0, reference_ms=60.0, floor=5.0)
+    assert best["met"] and 38.0 <= best["measured_ms"] <= 40.0 and len(tried) <= 4
+
+    def forbidden_under_70(target):
+        if target < 70:
+            raise BudgetError("the MAC budget needs more")
+        return machine(target)
+
+    best, tried = meet_measured_budget(forbidden_under_70, 40.0, table_dense_ms=100.0, reference_ms=60.0, floor=5.0,
+                                       tries=6)
+    assert tried and all(t["table_target_ms"] >= 70 for t in tried)
+    assert not best["met"] and best["measured_ms"] == min(t["measured_ms"] for t in tried)
+    assert meet_measured_budget(lambda t: (_ for _ in ()).throw(BudgetError("no")), 40.0, table_dense_ms=100.0,
+                                reference_ms=60.0, floor=5.0) == (None, [])
