@@ -258,11 +258,14 @@ def _latency_summary(plan: GroupingPlan, per_layer: pd.DataFrame | None) -> dict
         return {}
     lat = plan.latency
     measured = summary_from_layers(per_layer)[f"batch_{lat['batch']}"]["exported_ms"]
-    return {"latency_budget_ms": lat["budget_ms"], "latency_predicted_ms": lat["predicted_ms"],
+    budget = lat.get("measured_budget_ms", lat["budget_ms"])  # a measured budget is the user's; the other the table's
+    loop = {k: lat[k] for k in ("reference_ms", "measured_ms", "measured_met", "measured_tries") if k in lat}
+    return {"latency_budget_ms": budget, "latency_predicted_ms": lat["predicted_ms"],
             "latency_measured_ms": measured, "latency_prediction_error": (lat["predicted_ms"] - measured) / measured,
             "latency_input_ms_table": lat["input_ms"], "latency_batch": lat["batch"],
             "latency_budget_met_predicted": lat["predicted_ms"] <= lat["budget_ms"],
-            "latency_budget_met_measured": measured <= lat["budget_ms"]}
+            "latency_budget_met_measured": measured <= budget,
+            **({"latency_measured_loop": loop} if loop else {})}
 
 
 def compress(cfg: CompressConfig, *, resume: bool = False) -> CompressResult:

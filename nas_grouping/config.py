@@ -275,6 +275,9 @@ class SelfGroupingConfig:
     latency_batch: int = _f(1, "batch size at which the latency budget is profiled and predicted")
     latency_table: str | None = _f(None, "self-grouping latency table from `nas-grouping profile --pass self-grouping` "
                                    "(default: profile the model now, on this machine)")
+    latency_measured: bool = _f(False, "make the latency budget hold when measured: a share is of the input model's "
+                                "measured latency, and each try of the table's fractions is built (magnitude "
+                                "importance), measured on this machine and corrected (latency.meet_measured_budget)")
     importance: str = _f("magnitude", "importance of a connection: magnitude (L1 of its kernel, as the paper's code) "
                          "or taylor (|sum W dL/dW| over calibration batches)", choices=("magnitude", "taylor"))
     calibration_batches: int = _f(4, "training batches that estimate the taylor importance")

@@ -137,6 +137,11 @@ class GroupingPlan:
             lines.append(f"latency at batch {lat['batch']} ({lat['layout']}, table from {lat['device']}): input "
                          f"{lat['input_ms']:.3f} ms -> predicted {lat['predicted_ms']:.3f} ms, budget "
                          f"{lat['budget_ms']:.3f} ms ({lat['base_ms']:.3f} ms outside the prunable layers)")
+            if "measured_ms" in lat:
+                lines.append(f"measured at batch {lat['batch']} (one-shot, magnitude importance): input "
+                             f"{lat['reference_ms']:.3f} ms -> {lat['measured_ms']:.3f} ms, budget "
+                             f"{lat['measured_budget_ms']:.3f} ms {'met' if lat['measured_met'] else 'NOT met'} "
+                             f"after {len(lat['measured_tries'])} measured tries")
         for lp in self.layers:
             if lp.prune:
                 lines.append(f"  {lp.name or '<model>'}: {lp.kind} {lp.in_channels}->{lp.out_channels}, "
@@ -305,7 +310,41 @@ class SelfGrouping:
         if list(table.meta.get("input_size", [])) != list(size):
             raise ConfigError(f"the latency table was measured at input {table.meta.get('input_size')}, the model "
                               f"runs at {list(size)}: profile again")
+        if cfg.latency_measured:
+            return self._fit_measured(plan, model, size, table)
         return fit_latency(plan, table, cfg.latency_budget, config=cfg)
+
+    def _fit_measured(self, plan: GroupingPlan, model: nn.Module, size: tuple[int, ...],
+                      table: "LatencyTable") -> GroupingPlan:
+        """The table's fractions for the table target whose one-shot result, measured on this machine
+        against ``model``, meets the latency budget (``latency.meet_measured_budget``); when the
+        table reaches none of the targets tried, the plan without a latency budget, measured."""
+        from ._self_grouping_latency import fit_latency
+        from .latency import MeasuredLatency, meet_measured_budget, parse_latency_budget
+
+        cfg = self.config
+        probe = SelfGrouping(dataclasses.replace(cfg, importance="magnitude"))  # no data at plan time
+        measure = MeasuredLatency(model, size, batch=cfg.latency_batch)
+        budget_ms = parse_latency_budget(cfg.latency_budget, measure.reference_ms)
+
+        def attempt(target: float) -> dict[str, Any]:
+            fitted = fit_latency(plan, table, f"{target}ms", config=cfg)
+            built = probe.build(model, probe.decide(model, fitted))
+            return {"measured_ms": measure(built), "reached": fitted.latency["predicted_ms"], "stuck": False,
+                    "predicted_ms": fitted.latency["predicted_ms"], "plan": fitted}
+
+        best, tried = meet_measured_budget(attempt, budget_ms, table_dense_ms=float(table.meta["model_ms"]),
+                                           reference_ms=measure.reference_ms, floor=0.0)
+        if best is None:  # the table reaches no target tried: the plan without a latency budget, measured
+            best = {"table_target_ms": None, **attempt(math.inf)}
+            in_table_units = budget_ms * float(table.meta["model_ms"]) / measure.reference_ms
+            best["plan"] = dataclasses.replace(best["plan"], latency={**best["plan"].latency, "budget_ms": in_table_units})
+            best["met"] = best["measured_ms"] <= budget_ms
+            tried.append(best)
+        latency = {**best["plan"].latency, "measured_budget_ms": budget_ms, "reference_ms": measure.reference_ms,
+                   "measured_ms": best["measured_ms"], "measured_met": best["met"],
+                   "measured_tries": [{k: v for k, v in t.items() if k not in ("plan", "reached")} for t in tried]}
+        return dataclasses.replace(best["plan"], latency=latency)
 
     def _skip_reason(self, name: str, why: str | None, order: list[str]) -> str | None:
         pattern = next((p for p in self.config.exclude if fnmatch.fnmatchcase(name, p)), None)

@@ -198,3 +198,55 @@ def test_profile_command_for_the_pass_and_its_errors(tmp_path, capsys):
     assert main(["profile", "--pass", "self-grouping", "--space", "digits_convnet", "--fractions", "half",
                  "--out", str(out)]) == 2
     assert "--fractions" in capsys.readouterr().err
+
+
+def test_measured_latency_budget_builds_measures_and_corrects_the_table(monkeypatch):
+    """latency_measured: each try of the table's fractions is built and measured; here a fake machine runs
+    0.5 ms + 2 ms x (MACs share), so a budget of 0.8 x 2.5 ms needs about 3/4 of the MACs, whatever the table says."""
+    import nas_grouping.latency as latency_module
+
+    model = _net()
+    dense_macs = count_macs(model, SIZE)
+
+    class Machine:
+        def __init__(self, reference, size, *, batch=1, **kw):
+            self.reference_ms = 2.5
+
+        def __call__(self, m):
+            return 0.5 + 2.0 * count_macs(m, SIZE) / dense_macs
+
+    monkeypatch.setattr(latency_module, "MeasuredLatency", Machine)
+    curves = {"a": [(0, 1.0), (0.25, 0.8), (0.5, 0.5), (0.75, 0.3)], "b": [(0, 1.0), (0.25, 0.8), (0.5, 0.5),
+                                                                          (0.75, 0.3)], "fc": [(0, 0.1), (0.6, 0.1)]}
+    sg = SelfGrouping(_cfg(latency_budget="0.8", latency_measured=True))
+    plan = sg.plan(model, SIZE, latency_table=_table(curves, model_ms=2.5))
+    lat = plan.latency
+    assert lat["measured_budget_ms"] == pytest.approx(2.0) and 1 <= len(lat["measured_tries"]) <= 4
+    assert lat["measured_met"] and lat["measured_ms"] <= 2.0
+    small = sg.apply(model, SIZE, plan=plan)
+    assert 0.5 + 2.0 * count_macs(small, SIZE) / dense_macs == pytest.approx(lat["measured_ms"])
+    assert "NOT met" not in plan.describe() and "measured at batch 1" in plan.describe()
+
+
+def test_measured_latency_budget_on_this_machine_reports_what_it_measured():
+    model = _net()
+    plan = SelfGrouping(_cfg(latency_budget="0.9", latency_measured=True)).plan(model, SIZE)
+    lat = plan.latency
+    assert lat["reference_ms"] > 0 and lat["measured_budget_ms"] == pytest.approx(0.9 * lat["reference_ms"])
+    assert lat["measured_met"] == (lat["measured_ms"] <= lat["measured_budget_ms"])
+    assert lat["measured_ms"] in [t["measured_ms"] for t in lat["measured_tries"]]
+
+
+def test_compress_with_a_measured_latency_budget_reports_the_loop(tmp_path):
+    from search_spaces import get_space
+
+    torch.manual_seed(0)
+    folder = tmp_path / "saved"
+    save_model(get_space("digits_convnet", widths=[8, 8, 16, 16, 16, 16], dense=True), folder)
+    cfg = CompressConfig(model=str(folder), grouping=_cfg(latency_budget="0.95", latency_measured=True, epochs=1),
+                         data=DataConfig(batch_size=128), latency_batches=[1], latency_repeats=2,
+                         out=str(tmp_path / "run"))
+    s = compress(cfg).summary
+    loop = s["latency_measured_loop"]
+    assert s["latency_budget_ms"] == pytest.approx(0.95 * loop["reference_ms"]) and loop["measured_tries"]
+    assert s["latency_budget_met_measured"] == (s["latency_measured_ms"] <= s["latency_budget_ms"])
