@@ -104,3 +104,21 @@ def test_torchrun_search_two_processes_writes_once_and_ranks_agree(tmp_path):
     assert isinstance(cfg, SearchConfig)
     with pytest.raises(ConfigError, match="already holds a run"):
         search(cfg)
+
+
+@pytest.mark.slow
+def test_torchrun_search_with_a_measured_latency_budget(tmp_path):
+    """Rank 0 profiles and measures; the others get the numbers by broadcast and make the same gate choices."""
+    out = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+           "--master_port", str(_free_port()), "-m", "nas_grouping.cli", "search", "--device", "cpu",
+           "--space", "digits_convnet", "--space-kwargs", SMALL, "--epochs", "2", "--warmup-epochs", "1",
+           "--finetune-epochs", "1", "--progress", "false", "--batch-size", "64", "--budget", "0.8",
+           "--latency-budget", "0.9", "--latency-measured", "true", "--measure-latency", "false", "--out", str(out)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["ranks_agree_on_groups"] and summary["budget_met"]
+    loop = summary["latency_measured_loop"]
+    assert loop["tries"] and loop["met"] == (loop["measured_ms"] <= loop["budget_ms"])
