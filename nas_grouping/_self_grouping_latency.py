@@ -37,7 +37,7 @@ if TYPE_CHECKING:
     from .config import SelfGroupingConfig
     from .self_grouping import GroupingPlan
 
-__all__ = ["profile_self_grouping", "fit_latency", "DEFAULT_FRACTIONS", "PASS_NAME"]
+__all__ = ["profile_self_grouping", "fit_latency", "fastest_ms", "DEFAULT_FRACTIONS", "PASS_NAME"]
 
 #: pruned fractions profiled per layer (each layer's cap is added)
 DEFAULT_FRACTIONS = (0.25, 0.5, 0.625, 0.75, 0.875, 0.9375)
@@ -68,7 +68,8 @@ def profile_self_grouping(model: nn.Module, input_size: Sequence[int], config: "
     grid = sorted({float(f) for f in fractions})
     if not grid or any(not 0 < f < 1 for f in grid):
         raise ConfigError(f"profile fractions must lie in (0, 1), got {list(fractions)}")
-    plain = dataclasses.replace(cfg, budget=None, fraction=None, latency_budget=None, latency_table=None)
+    plain = dataclasses.replace(cfg, budget=None, fraction=None, latency_budget=None, latency_table=None,
+                                latency_measured=False)
     plan = SelfGrouping(plain).plan(model, size)
     model = copy.deepcopy(model).eval()
     if layout is None:
@@ -115,15 +116,9 @@ def _interp(curve: list[tuple[float, float]], f: float) -> float:
     return curve[-1][1] if f > curve[-1][0] else curve[0][1]
 
 
-def fit_latency(plan: "GroupingPlan", table: LatencyTable, budget: str | float, *,
-                config: "SelfGroupingConfig | None" = None) -> "GroupingPlan":
-    """Raise per-layer fractions of ``plan`` until the table predicts ``budget`` (ms, or a share of the
-    input model's measured latency) is met; record the prediction on the plan and its layers.
-
-    Raises:
-        ConfigError: a table of another pass or another model (a prunable layer it lacks).
-        BudgetError: even every layer at its fastest profiled fraction misses the budget.
-    """
+def _curves(plan: "GroupingPlan", table: LatencyTable, config: "SelfGroupingConfig | None"
+            ) -> tuple[dict[str, list[tuple[float, float]]], float, float]:
+    """Per prunable layer, the table's (fraction, ms) up to its cap; the input model's ms; the base outside them."""
     if table.meta.get("pass") != PASS_NAME:
         raise ConfigError("this latency table was not made for the self-grouping pass; make one with "
                           "`nas-grouping profile --pass self-grouping` (or leave latency_table unset to profile now)")
@@ -138,8 +133,27 @@ def fit_latency(plan: "GroupingPlan", table: LatencyTable, budget: str | float, 
                               "profile this model again")
         curves[lp.name] = [(f, t) for f, t in curve if f <= lp.cap + 1e-12]
     input_ms = float(table.meta["model_ms"])
+    return curves, input_ms, max(0.0, input_ms - sum(c[0][1] for c in curves.values()))
+
+
+def fastest_ms(plan: "GroupingPlan", table: LatencyTable, *, config: "SelfGroupingConfig | None" = None) -> float:
+    """The table's time of ``plan`` with every prunable layer at its fastest fraction at or above the plan's."""
+    curves, _, base = _curves(plan, table, config)
+    start = {lp.name: float(lp.fraction or 0.0) for lp in plan.prunable}
+    return base + sum(min(t for f, t in c if f >= start[n] - 1e-12) for n, c in curves.items())
+
+
+def fit_latency(plan: "GroupingPlan", table: LatencyTable, budget: str | float, *,
+                config: "SelfGroupingConfig | None" = None) -> "GroupingPlan":
+    """Raise per-layer fractions of ``plan`` until the table predicts ``budget`` (ms, or a share of the
+    input model's measured latency) is met; record the prediction on the plan and its layers.
+
+    Raises:
+        ConfigError: a table of another pass or another model (a prunable layer it lacks).
+        BudgetError: even every layer at its fastest profiled fraction misses the budget.
+    """
+    curves, input_ms, base = _curves(plan, table, config)
     budget_ms = parse_latency_budget(budget, input_ms)
-    base = max(0.0, input_ms - sum(c[0][1] for c in curves.values()))
     macs = {lp.name: lp.macs for lp in plan.prunable}
     frac = {lp.name: float(lp.fraction or 0.0) for lp in plan.prunable}
 
@@ -155,7 +169,7 @@ def fit_latency(plan: "GroupingPlan", table: LatencyTable, budget: str | float, 
                 if g > f + 1e-12 and now - t > 0:
                     options.append(((now - t) / max(macs[name] * (g - f), 1e-9), name, g))
         if not options:
-            fastest = base + sum(min(t for f, t in c if f >= frac[n] - 1e-12) for n, c in curves.items())
+            fastest = fastest_ms(plan, table, config=config)
             raise BudgetError(
                 f"a latency budget of {budget_ms:.3f} ms at batch {table.meta.get('batch')} cannot be met: with "
                 f"every prunable layer at its fastest profiled fraction the model is predicted at {fastest:.3f} ms "

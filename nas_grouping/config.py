@@ -97,6 +97,8 @@ class SearchConfig:
                 raise ConfigError(f"{name} must be > 0, got {getattr(self, name)}")
         if not 0 < self.gate_split < 1:
             raise ConfigError(f"gate_split must be in (0, 1), got {self.gate_split}")
+        if self.latency_measured and self.latency_budget is None:
+            raise ConfigError("latency_measured makes a latency budget hold when measured: give --latency-budget too")
         if self.gate_optimizer not in ("adam", "sgd"):
             raise ConfigError(f"gate_optimizer must be adam or sgd, got {self.gate_optimizer!r}")
         if self.regularizer not in ("additive", "multiplicative"):
@@ -329,6 +331,8 @@ class SelfGroupingConfig:
                                   "single fraction (the starting point), not per-layer fractions")
         if self.latency_batch < 1:
             raise ConfigError(f"latency_batch must be >= 1, got {self.latency_batch}")
+        if self.latency_measured and self.latency_budget is None:
+            raise ConfigError("latency_measured makes a latency budget hold when measured: give --latency-budget too")
         for name in ("max_fraction", "linear_max_fraction"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v <= 1:

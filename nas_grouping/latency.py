@@ -206,7 +206,8 @@ class MeasuredLatency:
     times it side by side with ``reference`` (the dense model), each in its faster layout; the
     time is scaled by the reference's first measurement (``reference_ms``), so drift of the
     machine between calls cancels and a budget that is a share of ``reference_ms`` is met
-    exactly when the measured ratio is. ``repeats`` is raised to about a second of calls. A table predicts; this is what counts
+    exactly when the measured ratio is. ``repeats`` is raised toward about a second of calls
+    (at most 50), for the whole models and the per-layer form choice alike. A table predicts; this is what counts
     (``search.project_to_measured_latency`` closes the loop with it).
     """
 
@@ -224,7 +225,7 @@ class MeasuredLatency:
 
     @property
     def reference_ms(self) -> float:
-        """The reference's time, with repetitions raised to about a second of calls (``enough_repeats``)."""
+        """The reference's time, with repetitions raised toward a second of calls (``enough_repeats``)."""
         if self._reference_ms is None:
             probe, asked = self._time({"reference": self.reference})["reference"], self.repeats
             self.repeats = enough_repeats(probe, asked)
@@ -244,58 +245,62 @@ class MeasuredLatency:
         return t["model"] * reference_ms / t["reference"]
 
 
-def meet_measured_budget(attempt: Callable[[float], dict[str, Any]], budget_ms: float, *, table_dense_ms: float,
-                         reference_ms: float, floor: float, tries: int = 4, tolerance: float = 0.05
-                         ) -> tuple[dict[str, Any] | None, list[dict[str, Any]]]:
+def meet_measured_budget(attempt: Callable[[float | None], dict[str, Any]], budget_ms: float, *,
+                         table_dense_ms: float, reference_ms: float, floor: float, tries: int = 4,
+                         tolerance: float = 0.05) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """The table target whose result, *measured*, meets ``budget_ms``: the secant method on measurements.
 
     ``attempt(target)`` makes a model for a table target (ms in the table's units) and returns
-    a dict with ``measured_ms``, ``reached`` (the table's time of what it made) and ``stuck``
+    a dict with ``measured_ms``, ``_reached`` (the table's time of what it made) and ``stuck``
     (the table had nothing faster), or raises ``BudgetError`` when another budget forbids that
-    target. The first target is ``budget_ms`` in table units (by the dense times); the next
-    ones interpolate the measured points, the dense model (``table_dense_ms``,
-    ``reference_ms``) included; targets under ``floor`` (or one that conflicted) are replaced
-    by halving the way up. Stops within ``tolerance`` under the budget, when a stuck try
-    misses it, or after ``tries``. Returns the chosen try (the least pruned that met the
-    budget, else the fastest; None if no attempt succeeded) and every try.
+    target; ``attempt(None)`` makes the model without a latency target (the fallback when no
+    target succeeds). Keys starting with ``_`` (the caller's state) stay on the chosen try only.
+    The first target is ``budget_ms`` in table units (by the dense times); the next ones
+    interpolate between the closest measured points on both sides of the budget, the dense
+    model (``table_dense_ms``, ``reference_ms``) included, or extrapolate from the two fastest;
+    a target at or under ``floor`` (raised by conflicts and stuck tries), or one after two tries
+    on the same side of the budget, is replaced by halving the bracket. Stops within ``tolerance`` under the budget, when a stuck try misses it, or
+    after ``tries``. Returns the chosen try (the least pruned that met the budget, else the
+    fastest) and every try.
     """
     tried: list[dict[str, Any]] = []
     points = [(table_dense_ms, reference_ms)]  # (table target, measured ms)
-    conflicted = False
     target = max(budget_ms * table_dense_ms / reference_ms, floor)
     for _ in range(tries):
         try:
             result = {"table_target_ms": target, **attempt(target)}
         except BudgetError:
-            conflicted, floor = True, max(floor, target)
+            floor = max(floor, target)
         else:
             result["met"] = result["measured_ms"] <= budget_ms
             tried.append(result)
-            points.append((result["reached"] if result["stuck"] else target, result["measured_ms"]))
+            points.append((result["_reached"] if result["stuck"] else target, result["measured_ms"]))
             if budget_ms * (1 - tolerance) <= result["measured_ms"] <= budget_ms:
                 break
             if result["stuck"]:
-                floor = max(floor, result["reached"])
+                floor = max(floor, result["_reached"])
                 if not result["met"]:
                     break  # nothing faster is within reach of the table
         lows = [p for p in points if p[1] <= budget_ms]
         highs = [p for p in points if p[1] > budget_ms]
         if not highs:
             break  # even the dense model meets the budget
-        nxt = math.nan
-        if len(points) > 1 and not conflicted:
-            (t0, m0), (t1, m1) = (max(lows), min(highs)) if lows else sorted(points)[:2]
-            if t1 != t0 and m1 > m0:
-                nxt = t0 + (budget_ms - m0) * (t1 - t0) / (m1 - m0)
-        if not nxt > floor:  # under what the table or another budget allows: halve the way up instead
-            nxt = (floor + min(highs)[0]) / 2
+        (t0, m0), (t1, m1) = (max(lows), min(highs)) if lows else sorted(points)[:2] if len(points) > 1 \
+            else (points[0], points[0])
+        nxt = t0 + (budget_ms - m0) * (t1 - t0) / (m1 - m0) if t1 != t0 and m1 > m0 else math.nan
+        one_sided = len(tried) >= 2 and tried[-1]["met"] == tried[-2]["met"]  # a curved response: bisect once
+        if not nxt > floor or (one_sided and lows):  # (also under what the table or another budget allows)
+            nxt = (max([floor] + [t for t, _ in lows]) + min(highs)[0]) / 2
         if math.isclose(nxt, target, rel_tol=1e-3):
             break
         target = nxt
+    if not tried:  # every target conflicted with another budget: that budget alone
+        result = {"table_target_ms": None, **attempt(None)}
+        result["met"] = result["measured_ms"] <= budget_ms
+        tried.append(result)
     met = [t for t in tried if t["met"]]
-    best = max(met, key=lambda t: t["measured_ms"]) if met else min(
-        tried, key=lambda t: t["measured_ms"]) if tried else None
-    return best, tried
+    best = max(met, key=lambda t: t["measured_ms"]) if met else min(tried, key=lambda t: t["measured_ms"])
+    return best, [{k: v for k, v in t.items() if not k.startswith("_")} for t in tried]
 
 
 def parse_latency_budget(text: str | float, dense_ms: float) -> float:

@@ -222,18 +222,31 @@ def project_to_measured_latency(model: nn.Module, cost: ModelCost, budget_macs: 
     """
     from .latency import meet_measured_budget
 
-    named = dgconv_layers(unwrap(model))
-    layers = [layer for _, layer in named]
+    net = unwrap(model)
+    named = dgconv_layers(net)
 
-    def snapshot() -> list[torch.Tensor]:
-        return [layer.gate_latent.detach().clone() for layer in layers]
+    def snapshot() -> dict[str, torch.Tensor]:  # the gate latents and the buffers (BN statistics) of the start
+        return {k: v.detach().clone() for k, v in [*((n + ".gate_latent", l.gate_latent) for n, l in named),
+                                                    *net.named_buffers()]}
 
-    def restore(state: list[torch.Tensor]) -> None:
+    def restore(state: dict[str, torch.Tensor]) -> None:
         with torch.no_grad():
-            for layer, latent in zip(layers, state):
-                layer.gate_latent.copy_(latent)
+            for k, v in [*((n + ".gate_latent", l.gate_latent) for n, l in named), *net.named_buffers()]:
+                v.copy_(state[k])
 
     start = snapshot()
+
+    def measured_on_main() -> float:
+        value, error = None, None
+        if rt.is_main:
+            try:
+                value = measure(net)
+            except Exception as exc:  # every rank must hear of it, or the others wait forever
+                error = f"{type(exc).__name__}: {exc}"
+        value, error = rt.broadcast((value, error))
+        if error is not None:
+            raise RuntimeError(f"measuring the projected model failed on rank 0: {error}")
+        return value
 
     def try_target(target: float | None) -> dict[str, Any]:
         restore(start)
@@ -245,25 +258,20 @@ def project_to_measured_latency(model: nn.Module, cost: ModelCost, budget_macs: 
             if target is None or cost.current_macs() > budget_macs:
                 raise  # the MAC budget needs more latency than this target
             stuck = True  # the MAC budget holds; the table has nothing faster: measure what it reached
-        measured = rt.broadcast(measure(unwrap(model)) if rt.is_main else None)
-        return {"predicted_ms": latency.current_ms(), "measured_ms": measured, "reached": latency.current_ms(),
-                "stuck": stuck, "gates": snapshot()}
+        return {"predicted_ms": latency.current_ms(), "measured_ms": measured_on_main(), "stuck": stuck,
+                "_reached": latency.current_ms(), "_state": snapshot()}
 
     best, tried = meet_measured_budget(try_target, budget_ms, table_dense_ms=latency.dense_ms,
                                        reference_ms=reference_ms, floor=latency.minimum_ms, tries=tries,
                                        tolerance=tolerance)
-    if best is None:  # every latency target conflicted with the MAC budget: the MAC budget alone
-        best = {"table_target_ms": None, **try_target(None)}
-        best["met"] = best["measured_ms"] <= budget_ms
-        tried.append(best)
-    restore(best["gates"])
+    restore(best["_state"])
+    signs = {n: (start[n + ".gate_latent"] >= 0, best["_state"][n + ".gate_latent"] >= 0) for n, _ in named}
     changes = [{"action": "on" if b else "off", "layer": name, "gate": j, "groups_after": layer.learned_groups}
-               for (name, layer), z0, z1 in zip(named, start, best["gates"])
-               for j, (a, b) in enumerate(zip((z0 >= 0).tolist(), (z1 >= 0).tolist())) if a != b]
+               for name, layer in named for j, (a, b) in enumerate(zip(*(x.tolist() for x in signs[name])))
+               if a != b]
     return {"changes": changes, "budget_ms": budget_ms, "reference_ms": reference_ms, "table_dense_ms": latency.dense_ms,
             "met": best["met"], "measured_ms": best["measured_ms"], "predicted_ms": best["predicted_ms"],
-            "table_target_ms": best["table_target_ms"],
-            "tries": [{k: v for k, v in t.items() if k not in ("gates", "reached")} for t in tried]}
+            "table_target_ms": best["table_target_ms"], "tries": tried}
 
 
 def _project(base: nn.Module, cost: ModelCost, budget_macs: int, train_set, cfg: SearchConfig, rt: Runtime,
@@ -315,11 +323,15 @@ def _latency_budget(cfg: SearchConfig, base: nn.Module, input_size, rt: Runtime,
         if rt.is_main:
             dense = get_space(cfg.space, num_classes=num_classes, in_channels=input_size[0], dense=True,
                               **cfg.space_kwargs)
-            measure = MeasuredLatency(dense, input_size, batch=cfg.latency_batch)
+            measure = MeasuredLatency(dense.to(rt.device), input_size, batch=cfg.latency_batch)
         reference_ms = rt.broadcast(measure.reference_ms if rt.is_main else None)
         measured_budget = parse_latency_budget(cfg.latency_budget, reference_ms)
         measured = (measure, reference_ms, measured_budget)
         budget_ms = measured_budget * latency.dense_ms / reference_ms  # the table's units, for the regularizer
+        if budget_ms < latency.minimum_ms and rt.is_main:
+            tqdm.write(f"[nas-grouping] the latency budget ({measured_budget:.3f} ms measured, {budget_ms:.3f} ms by "
+                       f"the table) is under the table's fastest grouping ({latency.minimum_ms:.3f} ms): the final "
+                       "projection will measure what it can reach, and may report the budget NOT met")
     else:  # a measured budget is judged by measuring (the loop reports it unmet); a predicted one fails now
         latency.check_budget(budget_ms)
     return latency, budget_ms, measured
@@ -412,9 +424,9 @@ def search(cfg: SearchConfig, *, resume: bool = False,
             raise ConfigError(f"space {cfg.space!r} has no DGConv2d layer to search")
         cost.check_budget(budget_macs)
 
+    base.to(rt.device)  # before the optimizers load any state (and the latency table: measured where it runs)
     latency, latency_budget_ms, measured = _latency_budget(cfg, base, input_size, rt, out, ds.num_classes)
     latency_loop = None
-    base.to(rt.device)  # before the optimizers load any state, so it lands on the right device
 
     train_set, gate_set = ds.train, None
     if cfg.bilevel and not fixed:
@@ -569,7 +581,7 @@ def search(cfg: SearchConfig, *, resume: bool = False,
         "params": count_parameters(exported), "projected": bool(flips), "projection_flips": flips,
         "export_max_abs_diff": max_diff, "epochs": total, "wall_time_s": time.perf_counter() - start_time,
         "latency": latency_measured,
-        **_latency_summary(latency_cost, latency_budget_ms, exported, input_size, cfg, latency_measured),
+        **_latency_summary(latency_cost, latency_budget_ms, exported, input_size, cfg, latency_measured, latency_loop),
         **({"latency_measured_loop": latency_loop} if latency_loop is not None else {}),
         "groups": groups, "world_size": rt.world_size, "ranks_agree_on_groups": True, "device": str(rt.device),
     }
@@ -587,9 +599,11 @@ def search(cfg: SearchConfig, *, resume: bool = False,
 
 
 def _latency_summary(latency, budget_ms: float | None, exported: nn.Module, input_size, cfg: SearchConfig,
-                     measured_report: dict[str, Any] | None = None) -> dict:
+                     measured_report: dict[str, Any] | None = None, loop: dict[str, Any] | None = None) -> dict:
     """Predicted (table) vs measured latency of the exported model at the budget's batch size
-    (the measurement of ``measured_report`` when it has that batch, else a new one)."""
+    (the measurement of ``measured_report`` when it has that batch, else a new one). With a
+    measured budget (``loop``) the budget is the measured one and whether it was met is the
+    loop's side-by-side verdict; the table's budget is reported apart."""
     if latency is None:
         return {}
     from .latency import measure_ms
@@ -598,9 +612,13 @@ def _latency_summary(latency, budget_ms: float | None, exported: nn.Module, inpu
     measured = at_batch["exported_ms"] if at_batch else min(measure_ms(
         exported, input_size, batch=latency.batch, layouts=("nchw", "channels_last")).values())
     predicted = latency.current_ms()
-    return {"latency_budget_ms": budget_ms, "latency_predicted_ms": predicted, "latency_measured_ms": measured,
-            "latency_prediction_error": (predicted - measured) / measured, "latency_batch": latency.batch,
-            "latency_budget_met_predicted": predicted <= budget_ms}
+    out = {"latency_budget_ms": budget_ms, "latency_predicted_ms": predicted, "latency_measured_ms": measured,
+           "latency_prediction_error": (predicted - measured) / measured, "latency_batch": latency.batch,
+           "latency_budget_met_predicted": predicted <= budget_ms}
+    if loop is not None:
+        out.update(latency_budget_ms=loop["budget_ms"], latency_table_budget_ms=budget_ms,
+                   latency_budget_met_measured=loop["met"])
+    return out
 
 
 def load_search_config(run_dir: str | Path) -> SearchConfig:

@@ -49,6 +49,10 @@ from .errors import BudgetError, ConfigError
 from .export import replace_layer
 from .macs import check_input_size, layer_macs
 
+#: what a measured latency fit adds to ``GroupingPlan.latency`` (reused as is on resume and on other ranks)
+MEASURED_KEYS = ("budget_ms", "table_target_ms", "measured_budget_ms", "reference_ms", "measured_ms", "measured_met",
+                 "measured_tries")
+
 if TYPE_CHECKING:
     import pandas as pd
 
@@ -238,12 +242,14 @@ class SelfGrouping:
         return f"SelfGrouping({self.config!r})"
 
     # ------------------------------------------------------------------ plan
-    def plan(self, model: nn.Module, input_size: Sequence[int], *, latency_table: "LatencyTable | None" = None
-             ) -> GroupingPlan:
+    def plan(self, model: nn.Module, input_size: Sequence[int], *, latency_table: "LatencyTable | None" = None,
+             measured: dict[str, Any] | None = None) -> GroupingPlan:
         """What every conv/linear layer of ``model`` would get, with MACs; no clustering, no data.
 
         With a latency budget the fractions are fitted to a latency table: ``latency_table``,
-        else the config's ``latency_table`` file, else one profiled now on this machine.
+        else the config's ``latency_table`` file, else one profiled now on this machine. With
+        ``latency_measured`` each try is also measured; ``measured`` (the ``latency`` of such a
+        plan) reuses that fit without measuring again (resume, other DDP ranks).
 
         Raises:
             ConfigError: no prunable layer; more clusters than filters; a forward that fails.
@@ -291,11 +297,11 @@ class SelfGrouping:
         if cfg.budget is not None:
             plan = self._fit_budget(plan)
         if cfg.latency_budget is not None:
-            plan = self._fit_latency(plan, model, size, latency_table)
+            plan = self._fit_latency(plan, model, size, latency_table, measured)
         return plan
 
     def _fit_latency(self, plan: GroupingPlan, model: nn.Module, size: tuple[int, ...],
-                     table: "LatencyTable | None") -> GroupingPlan:
+                     table: "LatencyTable | None", measured: dict[str, Any] | None = None) -> GroupingPlan:
         from ._self_grouping_latency import fit_latency, profile_self_grouping
         from .latency import LatencyTable
 
@@ -311,40 +317,48 @@ class SelfGrouping:
             raise ConfigError(f"the latency table was measured at input {table.meta.get('input_size')}, the model "
                               f"runs at {list(size)}: profile again")
         if cfg.latency_measured:
-            return self._fit_measured(plan, model, size, table)
+            return self._fit_measured(plan, model, size, table, measured)
         return fit_latency(plan, table, cfg.latency_budget, config=cfg)
 
     def _fit_measured(self, plan: GroupingPlan, model: nn.Module, size: tuple[int, ...],
-                      table: "LatencyTable") -> GroupingPlan:
+                      table: "LatencyTable", reuse: dict[str, Any] | None = None) -> GroupingPlan:
         """The table's fractions for the table target whose one-shot result, measured on this machine
-        against ``model``, meets the latency budget (``latency.meet_measured_budget``); when the
-        table reaches none of the targets tried, the plan without a latency budget, measured."""
-        from ._self_grouping_latency import fit_latency
+        against ``model``, meets the latency budget (``latency.meet_measured_budget``); targets under
+        the table's fastest give its fastest plan (measured, "stuck"). ``reuse``: the ``latency`` of
+        a plan measured before (a resumed run, the other DDP ranks): its target is fitted again from
+        the same table, nothing is measured."""
+        from ._self_grouping_latency import fastest_ms, fit_latency
         from .latency import MeasuredLatency, meet_measured_budget, parse_latency_budget
 
         cfg = self.config
+        fastest = fastest_ms(plan, table, config=cfg)
+
+        def fitted_at(target: float | None) -> GroupingPlan:
+            at = math.inf if target is None else max(target, fastest * (1 + 1e-9))
+            return fit_latency(plan, table, f"{at}ms", config=cfg)
+
+        if reuse is not None:
+            fitted = fitted_at(reuse["table_target_ms"])
+            return dataclasses.replace(fitted, latency={**fitted.latency, **{k: reuse[k] for k in MEASURED_KEYS}})
         probe = SelfGrouping(dataclasses.replace(cfg, importance="magnitude"))  # no data at plan time
         measure = MeasuredLatency(model, size, batch=cfg.latency_batch)
         budget_ms = parse_latency_budget(cfg.latency_budget, measure.reference_ms)
 
-        def attempt(target: float) -> dict[str, Any]:
-            fitted = fit_latency(plan, table, f"{target}ms", config=cfg)
+        def attempt(target: float | None) -> dict[str, Any]:
+            fitted = fitted_at(target)
             built = probe.build(model, probe.decide(model, fitted))
-            return {"measured_ms": measure(built), "reached": fitted.latency["predicted_ms"], "stuck": False,
-                    "predicted_ms": fitted.latency["predicted_ms"], "plan": fitted}
+            predicted = fitted.latency["predicted_ms"]
+            return {"measured_ms": measure(built), "predicted_ms": predicted, "stuck": target is not None and
+                    target <= fastest, "_reached": predicted}
 
         best, tried = meet_measured_budget(attempt, budget_ms, table_dense_ms=float(table.meta["model_ms"]),
                                            reference_ms=measure.reference_ms, floor=0.0)
-        if best is None:  # the table reaches no target tried: the plan without a latency budget, measured
-            best = {"table_target_ms": None, **attempt(math.inf)}
-            in_table_units = budget_ms * float(table.meta["model_ms"]) / measure.reference_ms
-            best["plan"] = dataclasses.replace(best["plan"], latency={**best["plan"].latency, "budget_ms": in_table_units})
-            best["met"] = best["measured_ms"] <= budget_ms
-            tried.append(best)
-        latency = {**best["plan"].latency, "measured_budget_ms": budget_ms, "reference_ms": measure.reference_ms,
-                   "measured_ms": best["measured_ms"], "measured_met": best["met"],
-                   "measured_tries": [{k: v for k, v in t.items() if k not in ("plan", "reached")} for t in tried]}
-        return dataclasses.replace(best["plan"], latency=latency)
+        fitted = fitted_at(best["table_target_ms"])
+        table_budget = budget_ms * float(table.meta["model_ms"]) / measure.reference_ms
+        return dataclasses.replace(fitted, latency={
+            **fitted.latency, "budget_ms": table_budget, "table_target_ms": best["table_target_ms"],
+            "measured_budget_ms": budget_ms, "reference_ms": measure.reference_ms, "measured_ms": best["measured_ms"],
+            "measured_met": best["met"], "measured_tries": tried})
 
     def _skip_reason(self, name: str, why: str | None, order: list[str]) -> str | None:
         pattern = next((p for p in self.config.exclude if fnmatch.fnmatchcase(name, p)), None)

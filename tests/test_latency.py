@@ -418,6 +418,10 @@ def test_search_with_a_measured_latency_budget_closes_the_loop(tmp_path):
     met = [t["measured_ms"] for t in loop["tries"] if t["met"]]
     assert loop["measured_ms"] == (max(met) if met else min(t["measured_ms"] for t in loop["tries"]))
     assert s["budget_met"]  # the MAC budget holds whatever the latency does
+    assert s["latency_budget_ms"] == loop["budget_ms"] and s["latency_budget_met_measured"] == loop["met"]
+    assert s["latency_table_budget_ms"] == pytest.approx(loop["budget_ms"] * loop["table_dense_ms"] / loop["reference_ms"])
+    with pytest.raises(ConfigError, match="give --latency-budget"):
+        SearchConfig(latency_measured=True)
     from nas_grouping.report import format_summary
 
     assert f"after {len(loop['tries'])} measured projection(s)" in format_summary(s)
@@ -427,15 +431,17 @@ def test_search_with_a_measured_latency_budget_closes_the_loop(tmp_path):
 
 def test_meet_measured_budget_secant_and_conflicts():
     """The search on measurements alone: a machine where time = 0.5 x table + 10 converges under the budget;
-    targets another budget forbids (under 70 ms by the table) are climbed out of, halving the way up."""
+    targets another budget forbids are climbed out of, and a try that met the budget is not forgotten after
+    a conflict; when every target conflicts, the model without a latency target is measured."""
     from nas_grouping import BudgetError
     from nas_grouping.latency import meet_measured_budget
 
     def machine(target):
-        return {"measured_ms": 0.5 * target + 10, "reached": target, "stuck": False}
+        return {"measured_ms": 0.5 * target + 10, "_reached": target, "stuck": False}
 
     best, tried = meet_measured_budget(machine, 40.0, table_dense_ms=100.0, reference_ms=60.0, floor=5.0)
     assert best["met"] and 38.0 <= best["measured_ms"] <= 40.0 and len(tried) <= 4
+    assert "_reached" in best and not any("_reached" in t for t in tried)
 
     def forbidden_under_70(target):
         if target < 70:
@@ -446,5 +452,19 @@ def test_meet_measured_budget_secant_and_conflicts():
                                        tries=6)
     assert tried and all(t["table_target_ms"] >= 70 for t in tried)
     assert not best["met"] and best["measured_ms"] == min(t["measured_ms"] for t in tried)
-    assert meet_measured_budget(lambda t: (_ for _ in ()).throw(BudgetError("no")), 40.0, table_dense_ms=100.0,
-                                reference_ms=60.0, floor=5.0) == (None, [])
+
+    def curved(target):  # forbidden under 12; time = (target / 100)^2 x 95 ms: bent, so regula falsi alone crawls
+        if target is not None and target < 12:
+            raise BudgetError("no")
+        return {"measured_ms": (target / 100) ** 2 * 95.0, "_reached": target, "stuck": False}
+
+    best, tried = meet_measured_budget(curved, 23.75, table_dense_ms=100.0, reference_ms=95.0, floor=0.0, tries=6)
+    assert best["met"] and best["measured_ms"] >= 23.75 * 0.95  # the exact answer: a target of 50
+
+    def always_forbidden(target):
+        if target is not None:
+            raise BudgetError("no")
+        return {"measured_ms": 50.0, "_reached": None, "stuck": False}
+
+    best, tried = meet_measured_budget(always_forbidden, 40.0, table_dense_ms=100.0, reference_ms=60.0, floor=5.0)
+    assert best["table_target_ms"] is None and not best["met"] and len(tried) == 1
