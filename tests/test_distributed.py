@@ -79,16 +79,22 @@ def test_two_ranks_on_half_batches_give_the_whole_batch_gradient(tmp_path):
             assert torch.allclose(g, expected[name], atol=1e-6, rtol=1e-4), (rank, name)
 
 
-@pytest.mark.slow
-def test_torchrun_search_two_processes_writes_once_and_ranks_agree(tmp_path):
-    out = tmp_path / "run"
+def _torchrun_search(out: Path, *args: str) -> subprocess.CompletedProcess:
+    """`nas-grouping search` on the small digits net under torchrun with 2 CPU processes; checks it exits 0."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
            "--master_port", str(_free_port()), "-m", "nas_grouping.cli", "search", "--device", "cpu",
-           "--space", "digits_convnet", "--space-kwargs", SMALL, "--epochs", "3", "--warmup-epochs", "1",
-           "--finetune-epochs", "1", "--progress", "false", "--batch-size", "64", "--out", str(out)]
+           "--space", "digits_convnet", "--space-kwargs", SMALL, "--warmup-epochs", "1", "--finetune-epochs", "1",
+           "--progress", "false", "--batch-size", "64", "--out", str(out), *args]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+@pytest.mark.slow
+def test_torchrun_search_two_processes_writes_once_and_ranks_agree(tmp_path):
+    out = tmp_path / "run"
+    proc = _torchrun_search(out, "--epochs", "3")
     summary = json.loads((out / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["ranks_agree_on_groups"] and summary["budget_met"]
     assert proc.stdout.count("validation accuracy") == 1  # only rank 0 reports
@@ -110,14 +116,8 @@ def test_torchrun_search_two_processes_writes_once_and_ranks_agree(tmp_path):
 def test_torchrun_search_with_a_measured_latency_budget(tmp_path):
     """Rank 0 profiles and measures; the others get the numbers by broadcast and make the same gate choices."""
     out = tmp_path / "run"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(_free_port()), "-m", "nas_grouping.cli", "search", "--device", "cpu",
-           "--space", "digits_convnet", "--space-kwargs", SMALL, "--epochs", "2", "--warmup-epochs", "1",
-           "--finetune-epochs", "1", "--progress", "false", "--batch-size", "64", "--budget", "0.8",
-           "--latency-budget", "0.9", "--latency-measured", "true", "--measure-latency", "false", "--out", str(out)]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    _torchrun_search(out, "--epochs", "2", "--budget", "0.8", "--latency-budget", "0.9", "--latency-measured", "true",
+                     "--measure-latency", "false")
     summary = json.loads((out / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["ranks_agree_on_groups"] and summary["budget_met"]
     loop = summary["latency_measured_loop"]
