@@ -199,6 +199,14 @@ def choose_fastest_forms(model: nn.Module, input_size: Sequence[int], *, batch: 
     return target, report
 
 
+def _steady_ms(time_with: Callable[[int], float], repeats: int) -> tuple[float, int]:
+    """A time measured with at least ``repeats`` repetitions, raised toward a second of calls
+    (``enough_repeats``) after a first measurement; returns it and the repetitions used."""
+    first = time_with(repeats)
+    enough = enough_repeats(first, repeats)
+    return (time_with(enough) if enough > repeats else first), enough
+
+
 class MeasuredLatency:
     """The measured whole-model latency (ms) of a DGConv model's export, at one batch size on this machine.
 
@@ -207,8 +215,8 @@ class MeasuredLatency:
     time is scaled by the reference's first measurement (``reference_ms``), so drift of the
     machine between calls cancels and a budget that is a share of ``reference_ms`` is met
     exactly when the measured ratio is. ``repeats`` is raised toward about a second of calls
-    (at most 50), for the whole models and the per-layer form choice alike. A table predicts; this is what counts
-    (``search.project_to_measured_latency`` closes the loop with it).
+    (at most 50), for the whole models and the per-layer form choice alike. A table predicts;
+    this is what counts (``search.project_to_measured_latency`` closes the loop with it).
     """
 
     def __init__(self, reference: nn.Module, input_size: Sequence[int], *, batch: int = 1, repeats: int = 5,
@@ -227,9 +235,9 @@ class MeasuredLatency:
     def reference_ms(self) -> float:
         """The reference's time, with repetitions raised toward a second of calls (``enough_repeats``)."""
         if self._reference_ms is None:
-            probe, asked = self._time({"reference": self.reference})["reference"], self.repeats
-            self.repeats = enough_repeats(probe, asked)
-            self._reference_ms = self._time({"reference": self.reference})["reference"] if self.repeats > asked else probe
+            self._reference_ms, self.repeats = _steady_ms(
+                lambda repeats: fastest_layouts({"reference": self.reference}, self.input_size, batch=self.batch,
+                                                repeats=repeats, warmup=self.warmup)["reference"][1], self.repeats)
         return self._reference_ms
 
     def export(self, model: nn.Module) -> nn.Module:
@@ -259,9 +267,9 @@ def meet_measured_budget(attempt: Callable[[float | None], dict[str, Any]], budg
     interpolate between the closest measured points on both sides of the budget, the dense
     model (``table_dense_ms``, ``reference_ms``) included, or extrapolate from the two fastest;
     a target at or under ``floor`` (raised by conflicts and stuck tries), or one after two tries
-    on the same side of the budget, is replaced by halving the bracket. Stops within ``tolerance`` under the budget, when a stuck try misses it, or
-    after ``tries``. Returns the chosen try (the least pruned that met the budget, else the
-    fastest) and every try.
+    on the same side of the budget, is replaced by halving the bracket. Stops within
+    ``tolerance`` under the budget, when a stuck try misses it, or after ``tries``. Returns the
+    chosen try (the least pruned that met the budget, else the fastest) and every try.
     """
     tried: list[dict[str, Any]] = []
     points = [(table_dense_ms, reference_ms)]  # (table target, measured ms)
@@ -452,9 +460,8 @@ def profile_layers(model: nn.Module, input_size: Sequence[int], *, batch: int = 
     for _, layer in dgconv_layers(dense):
         layer.set_groups(1)
     whole = export_model(dense)
-    probe = measure_ms(whole, size, batch=batch, layouts=(layout,), repeats=1, warmup=warmup)[layout]
-    model_ms = measure_ms(whole, size, batch=batch, layouts=(layout,), repeats=enough_repeats(probe, repeats),
-                          warmup=warmup)[layout]
+    model_ms, _ = _steady_ms(lambda n: measure_ms(whole, size, batch=batch, layouts=(layout,), repeats=n,
+                                                  warmup=warmup)[layout], repeats)
     meta = table_meta(model, size, batch=batch, layout=layout, repeats=repeats, warmup=warmup, model_ms=model_ms)
     return LatencyTable(meta=meta, rows=rows)
 

@@ -66,6 +66,14 @@ def build_search_model(cfg: SearchConfig, num_classes: int, in_channels: int) ->
     return model
 
 
+def _dense_model(cfg: SearchConfig, num_classes: int, in_channels: int, device: torch.device) -> nn.Module:
+    """The dense network of ``cfg``'s space on ``device``: the reference that latency is measured against."""
+    from search_spaces import get_space
+
+    return get_space(cfg.space, num_classes=num_classes, in_channels=in_channels, dense=True,
+                     **cfg.space_kwargs).to(device)
+
+
 def groups_per_layer(model: nn.Module) -> dict[str, int]:
     return {name: layer.learned_groups for name, layer in dgconv_layers(unwrap(model))}
 
@@ -123,7 +131,8 @@ def latency_constraint(latency, budget_ms: float) -> Constraint:
         return latency.layer_ms(values[name], gates) - before
 
     return Constraint("latency (ms)", budget_ms, latency.current_ms,
-                      lambda name, layer, j: -change(name, layer, j, 0), lambda name, layer, j: change(name, layer, j, 1))
+                      lambda name, layer, j: -change(name, layer, j, 0),
+                      lambda name, layer, j: change(name, layer, j, 1))
 
 
 def project_to_budget(model: nn.Module, cost: ModelCost, budget_macs: int, batches: list, rt: Runtime, *,
@@ -225,13 +234,15 @@ def project_to_measured_latency(model: nn.Module, cost: ModelCost, budget_macs: 
     net = unwrap(model)
     named = dgconv_layers(net)
 
-    def snapshot() -> dict[str, torch.Tensor]:  # the gate latents and the buffers (BN statistics) of the start
-        return {k: v.detach().clone() for k, v in [*((n + ".gate_latent", l.gate_latent) for n, l in named),
-                                                    *net.named_buffers()]}
+    def tracked() -> list[tuple[str, torch.Tensor]]:  # what a projection changes: gate latents, BN statistics
+        return [*((n + ".gate_latent", layer.gate_latent) for n, layer in named), *net.named_buffers()]
+
+    def snapshot() -> dict[str, torch.Tensor]:
+        return {k: v.detach().clone() for k, v in tracked()}
 
     def restore(state: dict[str, torch.Tensor]) -> None:
         with torch.no_grad():
-            for k, v in [*((n + ".gate_latent", l.gate_latent) for n, l in named), *net.named_buffers()]:
+            for k, v in tracked():
                 v.copy_(state[k])
 
     start = snapshot()
@@ -269,8 +280,8 @@ def project_to_measured_latency(model: nn.Module, cost: ModelCost, budget_macs: 
     changes = [{"action": "on" if b else "off", "layer": name, "gate": j, "groups_after": layer.learned_groups}
                for name, layer in named for j, (a, b) in enumerate(zip(*(x.tolist() for x in signs[name])))
                if a != b]
-    return {"changes": changes, "budget_ms": budget_ms, "reference_ms": reference_ms, "table_dense_ms": latency.dense_ms,
-            "met": best["met"], "measured_ms": best["measured_ms"], "predicted_ms": best["predicted_ms"],
+    return {"changes": changes, "budget_ms": budget_ms, "reference_ms": reference_ms,
+            "table_dense_ms": latency.dense_ms, "met": best["met"], "measured_ms": best["measured_ms"], "predicted_ms": best["predicted_ms"],
             "table_target_ms": best["table_target_ms"], "tries": tried}
 
 
@@ -315,15 +326,12 @@ def _latency_budget(cfg: SearchConfig, base: nn.Module, input_size, rt: Runtime,
     budget_ms = parse_latency_budget(cfg.latency_budget, latency.dense_ms)
     measured = None
     if cfg.latency_measured:
-        from search_spaces import get_space
-
         from .latency import MeasuredLatency
 
         measure = None
         if rt.is_main:
-            dense = get_space(cfg.space, num_classes=num_classes, in_channels=input_size[0], dense=True,
-                              **cfg.space_kwargs)
-            measure = MeasuredLatency(dense.to(rt.device), input_size, batch=cfg.latency_batch)
+            measure = MeasuredLatency(_dense_model(cfg, num_classes, input_size[0], rt.device), input_size,
+                                      batch=cfg.latency_batch)
         reference_ms = rt.broadcast(measure.reference_ms if rt.is_main else None)
         measured_budget = parse_latency_budget(cfg.latency_budget, reference_ms)
         measured = (measure, reference_ms, measured_budget)
@@ -552,14 +560,11 @@ def search(cfg: SearchConfig, *, resume: bool = False,
         max_diff = float((base(x) - exported(x)).abs().max())
     latency_cost, latency_measured, per_layer = latency, None, None
     if cfg.measure_latency and rt.is_main:
-        from search_spaces import get_space
-
         from .latency import choose_fastest_forms
         from .layer_latency import layer_latency, summary_from_layers
 
         exported, forms = choose_fastest_forms(exported, input_size, batch=cfg.latency_batch)
-        dense_model = get_space(cfg.space, num_classes=ds.num_classes, in_channels=ds.in_channels, dense=True,
-                                **cfg.space_kwargs).to(rt.device)
+        dense_model = _dense_model(cfg, ds.num_classes, ds.in_channels, rt.device)
         predicted, predicted_batch = None, 1
         if latency is not None:
             predicted = {name: latency.layer_ms(v, layer.gate_values()) for name, layer, v in latency.layers}

@@ -34,7 +34,7 @@ import fnmatch
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
 
 import torch
 from torch import nn
@@ -328,7 +328,6 @@ class SelfGrouping:
         a plan measured before (a resumed run, the other DDP ranks): its target is fitted again from
         the same table, nothing is measured."""
         from ._self_grouping_latency import fastest_ms, fit_latency
-        from .latency import MeasuredLatency, meet_measured_budget, parse_latency_budget
 
         cfg = self.config
         fastest = fastest_ms(plan, table, config=cfg)
@@ -338,8 +337,17 @@ class SelfGrouping:
             return fit_latency(plan, table, f"{at}ms", config=cfg)
 
         if reuse is not None:
-            fitted = fitted_at(reuse["table_target_ms"])
-            return dataclasses.replace(fitted, latency={**fitted.latency, **{k: reuse[k] for k in MEASURED_KEYS}})
+            fit, fitted = reuse, fitted_at(reuse["table_target_ms"])
+        else:
+            fit, fitted = self._measure_fit(model, size, table, fastest, fitted_at)
+        return dataclasses.replace(fitted, latency={**fitted.latency, **{k: fit[k] for k in MEASURED_KEYS}})
+
+    def _measure_fit(self, model: nn.Module, size: tuple[int, ...], table: "LatencyTable", fastest: float,
+                     fitted_at: Callable[[float | None], GroupingPlan]) -> tuple[dict[str, Any], GroupingPlan]:
+        """Build and measure tries of ``fitted_at(target)``; the measured fit (``MEASURED_KEYS``) and its plan."""
+        from .latency import MeasuredLatency, meet_measured_budget, parse_latency_budget
+
+        cfg = self.config
         probe = SelfGrouping(dataclasses.replace(cfg, importance="magnitude"))  # no data at plan time
         measure = MeasuredLatency(model, size, batch=cfg.latency_batch)
         budget_ms = parse_latency_budget(cfg.latency_budget, measure.reference_ms)
@@ -349,16 +357,15 @@ class SelfGrouping:
             built = probe.build(model, probe.decide(model, fitted))
             predicted = fitted.latency["predicted_ms"]
             return {"measured_ms": measure(built), "predicted_ms": predicted, "stuck": target is not None and
-                    target <= fastest, "_reached": predicted}
+                    target <= fastest, "_reached": predicted, "_plan": fitted}
 
         best, tried = meet_measured_budget(attempt, budget_ms, table_dense_ms=float(table.meta["model_ms"]),
                                            reference_ms=measure.reference_ms, floor=0.0)
-        fitted = fitted_at(best["table_target_ms"])
-        table_budget = budget_ms * float(table.meta["model_ms"]) / measure.reference_ms
-        return dataclasses.replace(fitted, latency={
-            **fitted.latency, "budget_ms": table_budget, "table_target_ms": best["table_target_ms"],
-            "measured_budget_ms": budget_ms, "reference_ms": measure.reference_ms, "measured_ms": best["measured_ms"],
-            "measured_met": best["met"], "measured_tries": tried})
+        fit = {"budget_ms": budget_ms * float(table.meta["model_ms"]) / measure.reference_ms,
+               "table_target_ms": best["table_target_ms"], "measured_budget_ms": budget_ms,
+               "reference_ms": measure.reference_ms, "measured_ms": best["measured_ms"], "measured_met": best["met"],
+               "measured_tries": tried}
+        return fit, best["_plan"]
 
     def _skip_reason(self, name: str, why: str | None, order: list[str]) -> str | None:
         pattern = next((p for p in self.config.exclude if fnmatch.fnmatchcase(name, p)), None)
