@@ -14,6 +14,14 @@ is about latency), each MAC budget (a share of the dense MACs) and each batch si
   projection and whole-model measurements correct its target
   (``search.project_to_measured_latency``); when no try meets it, the fastest is kept
   and the row says so;
+- ``ours-hybrid``: channel pruning, and grouping where that is not enough, at the same
+  latency and MAC budgets. The dense network is channel-pruned
+  (``channel_pruning.ChannelPruning``: L1 magnitude, coupled channels together, widths
+  multiples of 8) at the ratio whose measured latency meets the budget
+  (``prune_to_latency``); if none does, the most pruned is converted to DGConv and its
+  gates projected as above (its own table and starting time). Of these and
+  ``ours-latency`` the one that meets the latency budget with the most MACs is kept, else
+  the fastest (measured; ``hybrid_choice`` says which);
 - ``torch-pruning``: the dense network channel-pruned by Torch-Pruning (L1 magnitude,
   the classifier kept) at the largest ratio within the same MAC budget.
 
@@ -39,6 +47,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..config import _f
+from ..channel_pruning import ChannelPruning
 from ..errors import BudgetError, ConfigError
 from ..fold import count_gathers
 from ..latency import LatencyCost, MeasuredLatency, choose_fastest_forms, fastest_layouts, profile_layers
@@ -52,7 +61,7 @@ NETWORKS: dict[str, tuple[str, dict[str, Any], tuple[int, int, int]]] = {
     "resnet56": ("resnet56", {"num_classes": 10}, (3, 32, 32)),
     "resnet50": ("torchvision", {"name": "resnet50", "num_classes": 1000}, (3, 224, 224)),
 }
-METHODS = ("ours-macs", "ours-latency", "torch-pruning")
+METHODS = ("ours-macs", "ours-latency", "ours-hybrid", "torch-pruning")
 
 
 @dataclass
@@ -193,6 +202,55 @@ def _with_latency_budget(searchable: torch.nn.Module, input_size: tuple[int, ...
     return model.eval(), info
 
 
+def _hybrid(channels: ChannelPruning, input_size: tuple[int, ...], budget_macs: int, batch: int, fraction: float,
+            measure: MeasuredLatency, profile_repeats: int, seed: int, grouped: dict[str, Any]
+            ) -> tuple[torch.nn.Module | None, dict[str, Any]]:
+    """Channel pruning, then grouping if that is not enough, at ``fraction`` of the dense model's measured
+    latency and within ``budget_macs``.
+
+    The channel ratio is found by measurement (``ChannelPruning.prune_to_latency``). If it
+    misses the budget, the pruned network is converted to DGConv and its gates projected by
+    the measured loop, starting from its own measured time. Of these and ``grouped``
+    (``ours-latency``'s result, measured by the same ``measure``), the one meeting the budget
+    with the most MACs is chosen, else the fastest. Returns the chosen DGConv model (None:
+    keep ``ours-latency``'s) and what happened.
+    """
+    from ..budget import ModelCost
+    from ..convert import convert_to_dgconv, dgconv_layers
+    from ..runtime import Runtime
+    from ..search import project_to_measured_latency
+
+    budget_ms = fraction * measure.reference_ms
+    pruned, ratio, report = channels.prune_to_latency(budget_ms, measure, budget_macs=budget_macs)
+    searchable = convert_to_dgconv(pruned).eval()
+    model = _all_on(searchable)
+    measured = report["measured_ms"]
+    info: dict[str, Any] = {"channel_ratio": ratio, "channel_tries": len(report["tries"]), "loop_tries": 0}
+    if not report["met"]:
+        cost = LatencyCost(searchable, profile_layers(searchable, input_size, batch=batch, repeats=profile_repeats,
+                                                      warmup=1))
+        gated = _all_on(searchable)
+        loop = project_to_measured_latency(gated, ModelCost(gated, input_size), budget_macs,
+                                           _grad_batches(searchable, input_size, seed), Runtime(torch.device("cpu")),
+                                           _bound(cost, gated), budget_ms, measure, reference_ms=measured)
+        info.update(loop_tries=len(loop["tries"]), predicted_ms=loop["predicted_ms"])
+        if loop["measured_ms"] < measured:
+            model, measured = gated, loop["measured_ms"]
+    info.update(loop_measured_ms=measured, budget_ms=budget_ms)
+
+    def rank(ms: float, macs: int) -> tuple[bool, float]:
+        return (True, macs) if ms <= budget_ms else (False, -ms)
+
+    if rank(grouped["loop_measured_ms"], grouped["macs"]) >= rank(measured, count_macs(model, input_size)):
+        return None, {**info, "hybrid_choice": "groups alone"}
+    grouped_layers = any(layer.learned_groups > 1 for _, layer in dgconv_layers(model))
+    info["hybrid_choice"] = "pruned channels" + (" and groups" if grouped_layers else "")
+    if measured > budget_ms:
+        info["note"] = (f"{fraction:g} of the dense latency ({budget_ms:.3f} ms measured) was not met; the fastest "
+                        f"({info['hybrid_choice']}): {measured:.3f} ms")
+    return model.eval(), info
+
+
 def _export_fastest(model: torch.nn.Module, input_size: tuple[int, ...], batch: int
                     ) -> tuple[torch.nn.Module, dict[str, Any]]:
     from ..convert import dgconv_layers
@@ -211,7 +269,7 @@ def run_speed(cfg: SpeedConfig) -> pd.DataFrame:
     tp = _torch_pruning()
     rows: list[dict[str, Any]] = []
     jobs = [(n, b) for n in cfg.networks for b in cfg.batches]
-    bar = tqdm(total=len(jobs) * (1 + 2 * len(cfg.budgets)) + len(cfg.networks) * len(cfg.budgets),
+    bar = tqdm(total=len(jobs) * (1 + 3 * len(cfg.budgets)) + len(cfg.networks) * len(cfg.budgets),
                desc="bench speed", leave=False)
     for net in cfg.networks:
         space, kwargs, size = NETWORKS[net]
@@ -223,6 +281,7 @@ def run_speed(cfg: SpeedConfig) -> pd.DataFrame:
         dense_macs = count_macs(dense, size)
         pruned, macs_only = {}, {}
         batches = _grad_batches(searchable, size, cfg.seed)
+        channels = ChannelPruning(dense, size, round_to=8)
         for budget in cfg.budgets:
             pruned[budget] = torch_pruning_prune(dense, size, int(budget * dense_macs))
             macs_only[budget] = _project(searchable, size, int(budget * dense_macs), batches)
@@ -236,11 +295,17 @@ def run_speed(cfg: SpeedConfig) -> pd.DataFrame:
             for budget in cfg.budgets:
                 budget_macs = int(budget * dense_macs)
                 gated, info = _with_latency_budget(searchable, size, budget_macs, batches, cost, budget, measure)
-                for method, chosen, extra in (("ours-macs", macs_only[budget], {}), ("ours-latency", gated, info)):
+                hybrid, hinfo = _hybrid(channels, size, budget_macs, batch, budget, measure, cfg.profile_repeats,
+                                        cfg.seed, {"loop_measured_ms": info["loop_measured_ms"],
+                                                   "macs": count_macs(gated, size)})
+                if hybrid is None:
+                    hybrid, hinfo = gated, {**info, "hybrid_choice": hinfo["hybrid_choice"], "channel_ratio": 0.0}
+                for method, chosen, extra in (("ours-macs", macs_only[budget], {}), ("ours-latency", gated, info),
+                                              ("ours-hybrid", hybrid, hinfo)):
                     model, forms = _export_fastest(chosen, size, batch)
                     models[f"{method}@{budget}"] = model
                     meta[f"{method}@{budget}"] = {"method": method, "budget": budget, **extra, **forms}
-                bar.update(2)
+                bar.update(3)
                 model, ratio = pruned[budget]
                 models[f"torch-pruning@{budget}"] = model
                 meta[f"torch-pruning@{budget}"] = {"method": "torch-pruning", "budget": budget, "ratio": ratio}
@@ -259,7 +324,8 @@ def run_speed(cfg: SpeedConfig) -> pd.DataFrame:
                     "speedup_per_mac_reduction": (dense_ms / ms) / (dense_macs / macs),
                     "latency_budget_ms": m.get("budget_ms"), "predicted_ms": m.get("predicted_ms"),
                     "table_dense_ms": m.get("table_dense_ms"), "loop_measured_ms": m.get("loop_measured_ms"),
-                    "loop_tries": m.get("loop_tries"), "pruning_ratio": m.get("ratio"),
+                    "loop_tries": m.get("loop_tries"), "pruning_ratio": m.get("ratio", m.get("channel_ratio")),
+                    "hybrid_choice": m.get("hybrid_choice"),
                     "dense_form_layers": m.get("dense_form_layers"), "channel_gathers": m.get("channel_gathers"),
                     "note": m.get("note", ""),
                 })
@@ -290,5 +356,7 @@ def format_speed(df: pd.DataFrame) -> str:
         lines.append(f"| {r.network} | {r.batch} | {budget} | {r.method} | {r.macs / 1e6:,.1f}M ({r.mac_reduction:.2f}x)"
                      f" | {r.ms:.2f} ({'CL' if r.layout == 'channels_last' else 'NCHW'}) | {r.speedup:.2f}x | "
                      f"{r.speedup_per_mac_reduction:.2f} |")
-    notes = [f"{r.network} b{r.batch} {r.method}@{r.budget:g}: {r.note}" for r in df.itertuples() if r.note]
+    notes = [f"{r.network} b{r.batch} {r.method}@{r.budget:g}: " + "; ".join(filter(None, (
+        f"{r.hybrid_choice} (channel ratio {r.pruning_ratio:.2f})" if r.method == "ours-hybrid" else "", r.note)))
+        for r in df.itertuples() if r.note or r.method == "ours-hybrid"]
     return "\n".join(lines + ([""] + notes if notes else []))
