@@ -5,6 +5,7 @@ of groups is learned; the self-grouping pass (SG-CNN, 2020) compresses any
 trained model into diverse group convolutions. MACs are multiply-accumulates.
 """
 
+from .channel_pruning import ChannelPruning, prune_channels
 from .convert import arch_parameters, conversion_plan, convert_to_dgconv, dgconv_layers, weight_parameters
 from .errors import BudgetError, ConfigError, DataError, ExportError, MissingDependencyError, NasGroupingError
 from .export import export_model, load_model, save_model
@@ -33,6 +34,7 @@ __all__ = [
     "convert_to_dgconv", "conversion_plan", "dgconv_layers", "arch_parameters", "weight_parameters",
     "count_macs", "count_parameters", "layer_macs",
     "export_model", "save_model", "load_model",
+    "ChannelPruning", "prune_channels",
     "SearchConfig", "SelfGrouping", "self_group", "SelfGroupingConfig", "CompressConfig",
     "TuneConfig", "TuneResult",
     "NasGroupingError", "ConfigError", "BudgetError", "DataError", "ExportError", "MissingDependencyError",

@@ -16,6 +16,7 @@ Search then compress is two calls: ``nas-grouping search --out runs/s`` then
 from __future__ import annotations
 
 import copy
+import dataclasses
 import statistics
 import time
 from dataclasses import dataclass
@@ -27,17 +28,20 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .config import CompressConfig, check_same_settings, config_to_dict
+from .budget import MacBudget
+from .channel_pruning import ChannelPruning
+from .config import CompressConfig, SelfGroupingConfig, check_same_settings, config_to_dict
 from .data import load_datasets
 from .errors import ConfigError, ExportError
 from ._self_grouping_latency import profile_self_grouping
 from .export import RECIPE_ATTR, load_model, save_model
-from .latency import LAYOUTS, LatencyTable, choose_fastest_forms, sample_models
+from .latency import LAYOUTS, LatencyTable, MeasuredLatency, choose_fastest_forms, parse_latency_budget, sample_models
 from .layer_latency import WHOLE, layer_latency, summary_from_layers, write_layer_latency
 from .macs import count_macs, count_parameters, layer_macs
 from .report import read_json, write_json
 from .runtime import Runtime, setup_runtime
 from .self_grouping import GroupingPlan, LayerOutcome, SelfGrouping
+from .training import epoch_loader, evaluate
 
 __all__ = ["compress", "CompressResult", "load_source_model", "measure_latency", "layer_table", "format_summary"]
 
@@ -203,6 +207,11 @@ def format_summary(s: dict[str, Any]) -> str:
         f"parameters {s['params_before']:,} -> {s['params_after']:,}; {len(s['pruned_layers'])} layers pruned, "
         f"{len(s['skipped_layers'])} skipped",
     ]
+    if s.get("channel_pruning"):
+        c = s["channel_pruning"]
+        lines.insert(1, f"channel pruning: {c['share']:.3f} of every set of coupled channels removed "
+                        f"({c['macs_after_channels']:,} MACs/sample), accuracy {acc(s['val_acc_channels'])} before "
+                        "self-grouping")
     if s.get("latency_budget_ms") is not None:
         lines.append(f"latency budget {s['latency_budget_ms']:.3f} ms at batch {s['latency_batch']}: predicted "
                      f"{s['latency_predicted_ms']:.3f} ms, measured {s['latency_measured_ms']:.3f} ms (prediction "
@@ -220,6 +229,14 @@ def format_summary(s: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _accuracy(model: nn.Module, ds: Any, rt: Runtime) -> float | None:
+    """Validation accuracy of ``model`` as it is (the input model, when channel pruning changes it first)."""
+    if not len(ds.val):
+        return None
+    loader = epoch_loader(ds.val, rt, batch_size=256, train=False, seed=0, epoch=0)
+    return evaluate(copy.deepcopy(model).to(rt.device), loader, rt)["acc"]
+
+
 def _check_resume(out: Path, cfg: CompressConfig) -> None:
     saved = read_json(out / "config.json") if (out / "config.json").is_file() else None
     if saved is None:
@@ -230,11 +247,55 @@ def _check_resume(out: Path, cfg: CompressConfig) -> None:
             values["grouping"] = {k: v for k, v in values["grouping"].items() if k != "progress"}
     check_same_settings(saved, now, allowed=RESUMABLE_CHANGES, where=out)
 
-def _latency_table(cfg: CompressConfig, model: nn.Module, input_size: Sequence[int], rt: Runtime, out: Path,
+def _prune_channels(cfg: CompressConfig, original: nn.Module, input_size: Sequence[int], rt: Runtime, out: Path,
+                    resume: bool) -> tuple[nn.Module, SelfGroupingConfig, dict[str, Any] | None]:
+    """Channel pruning before the pass (``cfg.channels``): the narrowed model, the self-grouping settings with
+    budget shares made absolute against the input model (so they stay shares of it), and what was done.
+
+    The input model's latency (for a latency share) and the share ``auto`` finds are measured once,
+    on rank 0, broadcast, and kept in ``channels.json`` so that ``--resume`` prunes the same channels.
+    """
+    grouping = cfg.grouping
+    if cfg.channels is None:
+        return original, grouping, None
+    pruning = ChannelPruning(original, input_size)
+    saved = out / "channels.json"
+    if resume and saved.is_file():
+        record = read_json(saved)
+    else:
+        record = None
+        if rt.is_main:
+            record = {"share": cfg.channels, "input_ms": None, "search": None}
+            lat = grouping.latency_budget
+            shared = lat is not None and not str(lat).strip().lower().endswith("ms")
+            if shared or cfg.channels == "auto":
+                measure = MeasuredLatency(original, input_size, batch=grouping.latency_batch)
+                record["input_ms"] = measure.reference_ms
+            if cfg.channels == "auto":
+                budget_macs = None if grouping.budget is None else \
+                    MacBudget.parse(grouping.budget).resolve(count_macs(original, input_size))
+                tqdm.write("[nas-grouping] finding the share of channels whose measured latency meets the budget ...")
+                _, share, search = pruning.prune_to_latency(
+                    parse_latency_budget(lat, record["input_ms"]), measure, budget_macs=budget_macs)
+                record.update(share=share, search=search)
+            out.mkdir(parents=True, exist_ok=True)
+            write_json(saved, record)
+        record = rt.broadcast(record)
+    narrowed = pruning.prune(record["share"])
+    changes: dict[str, Any] = {}
+    if grouping.budget is not None:
+        changes["budget"] = MacBudget.parse(grouping.budget).resolve(count_macs(original, input_size))
+    if record["input_ms"] is not None:
+        changes["latency_budget"] = f"{parse_latency_budget(grouping.latency_budget, record['input_ms'])}ms"
+    info = {"share": record["share"], "sets": len(pruning.prunable()), "input_ms": record["input_ms"],
+            "macs_after_channels": count_macs(narrowed, input_size), "search": record["search"]}
+    return narrowed, dataclasses.replace(grouping, **changes), info
+
+
+def _latency_table(grouping: SelfGroupingConfig, model: nn.Module, input_size: Sequence[int], rt: Runtime, out: Path,
                    resume: bool) -> "LatencyTable | None":
     """The self-grouping latency table of a latency budget: the run's own on resume (so the plan is the same),
     else the configured file, else profiled now by the main process and shared through the run folder."""
-    grouping = cfg.grouping
     if grouping.latency_budget is None:
         return None
     saved = out / "latency_table.json"
@@ -272,9 +333,11 @@ def _measured_fit(sg: SelfGrouping, model: nn.Module, input_size: Sequence[int],
     return rt.broadcast(fit)
 
 
-def _latency_summary(plan: GroupingPlan, per_layer: pd.DataFrame | None) -> dict[str, Any]:
+def _latency_summary(plan: GroupingPlan, per_layer: pd.DataFrame | None, input_ms: float | None = None
+                     ) -> dict[str, Any]:
     """The plan's predicted latency beside the compressed model's measured one (latency budgets), the
-    measurement being the per-layer report's whole-model row at the plan's batch."""
+    measurement being the per-layer report's whole-model row at the plan's batch. ``input_ms``: the
+    input model's measured time when the pass got a channel-pruned model (its budget is of the input's)."""
     if plan.latency is None or per_layer is None:
         return {}
     lat = plan.latency
@@ -287,7 +350,7 @@ def _latency_summary(plan: GroupingPlan, per_layer: pd.DataFrame | None) -> dict
            "latency_budget_met_measured": measured <= lat["budget_ms"]}
     if "measured_budget_ms" in lat:  # a measured budget: the user's is the measured one, judged by the ratio to
         # the input model timed beside the compressed one (this report's clock may differ from the loop's)
-        ratio_met = measured / at["dense_ms"] <= lat["measured_budget_ms"] / lat["reference_ms"]
+        ratio_met = measured / at["dense_ms"] <= lat["measured_budget_ms"] / (input_ms or lat["reference_ms"])
         out.update(latency_budget_ms=lat["measured_budget_ms"], latency_table_budget_ms=lat["budget_ms"],
                    latency_budget_met_measured=ratio_met,
                    latency_measured_loop={k: lat[k] for k in ("reference_ms", "measured_ms", "measured_met",
@@ -311,19 +374,24 @@ def compress(cfg: CompressConfig, *, resume: bool = False) -> CompressResult:
     input_size = (ds.in_channels, *ds.input_size)
     original, info = load_source_model(cfg, num_classes=ds.num_classes, in_channels=ds.in_channels)
     _check_outputs(original, input_size, ds.num_classes)
-    sg = SelfGrouping(cfg.grouping)
     if resume:
         if not (out / "checkpoint.pt").is_file():
             raise ConfigError(f"no checkpoint in {out.resolve()}: nothing to resume; run without --resume")
         _check_resume(out, cfg)
     elif (out / "checkpoint.pt").exists():
         raise ConfigError(f"{out} already holds a run; pass --resume to continue it, or choose another --out")
-    table = _latency_table(cfg, original, input_size, rt, out, resume)
-    plan = sg.plan(original, input_size, latency_table=table, measured=_measured_fit(sg, original, input_size, table,
+    narrowed, grouping, channels = _prune_channels(cfg, original, input_size, rt, out, resume)
+    sg = SelfGrouping(grouping)
+    table = _latency_table(grouping, narrowed, input_size, rt, out, resume)
+    plan = sg.plan(narrowed, input_size, latency_table=table, measured=_measured_fit(sg, narrowed, input_size, table,
                                                                                      rt, out, resume))
     if rt.is_main:
         out.mkdir(parents=True, exist_ok=True)
         write_json(out / "config.json", config_to_dict(cfg))
+        if channels is not None:
+            tqdm.write(f"[nas-grouping] channel pruning: {channels['share']:.3f} of every set of coupled channels "
+                       f"removed, {count_macs(original, input_size):,} -> {channels['macs_after_channels']:,} "
+                       "MACs/sample")
         tqdm.write(f"[nas-grouping] compress {info['source']} on {ds.name}: {plan.macs:,} MACs/sample, "
                    + (f"budget {plan.budget_macs:,} (global fraction {plan.global_fraction:.3f})"
                       if plan.budget_macs is not None else
@@ -331,7 +399,7 @@ def compress(cfg: CompressConfig, *, resume: bool = False) -> CompressResult:
                    + (f", latency budget {plan.latency['budget_ms']:.3f} ms at batch {plan.latency['batch']} "
                       f"(predicted {plan.latency['predicted_ms']:.3f} ms)" if plan.latency else "")
                    + f", {len(plan.prunable)} layers to prune, {len(plan.skipped)} skipped, device {rt.device}")
-    result = sg.run(original, ds, batch_size=cfg.data.batch_size, rt=rt, out=out, resume=resume, plan=plan)
+    result = sg.run(narrowed, ds, batch_size=cfg.data.batch_size, rt=rt, out=out, resume=resume, plan=plan)
     compressed = result.model
     compressed_cpu = copy.deepcopy(compressed).cpu().eval()
     forms = per_layer = None
@@ -345,7 +413,7 @@ def compress(cfg: CompressConfig, *, resume: bool = False) -> CompressResult:
                                   predicted=predicted or None, predicted_batch=cfg.grouping.latency_batch,
                                   repeats=cfg.latency_repeats)
     macs_before, macs_after = count_macs(original, input_size), count_macs(compressed_cpu, input_size)
-    layers = layer_table(plan, result.outcomes, original, compressed_cpu, input_size)
+    layers = layer_table(plan, result.outcomes, narrowed, compressed_cpu, input_size)
     latency = measure_latency({"input": original, "compressed": compressed_cpu}, input_size, cfg.latency_batches,
                               repeats=cfg.latency_repeats) if cfg.latency_batches else []
     speedup = []
@@ -356,7 +424,9 @@ def compress(cfg: CompressConfig, *, resume: bool = False) -> CompressResult:
                         "compressed_layout": b["layout"], "speedup": a["ms"] / b["ms"]})
     summary: dict[str, Any] = {
         "source": info["source"], "dataset": ds.name, "input_size": list(input_size),
-        "val_acc_before": result.val_acc("input"), "val_acc_pruned": result.val_acc("pruned"),
+        "val_acc_before": result.val_acc("input") if channels is None else _accuracy(original, ds, rt),
+        "val_acc_channels": None if channels is None else result.val_acc("input"),
+        "channel_pruning": channels, "val_acc_pruned": result.val_acc("pruned"),
         "val_acc_after": result.history[-1]["val_acc"],
         "macs_before": macs_before, "macs_after": macs_after, "mac_reduction": macs_before / max(macs_after, 1),
         "macs_fraction": macs_after / max(macs_before, 1), "planned_macs_at_most": plan.macs_after,
@@ -371,7 +441,7 @@ def compress(cfg: CompressConfig, *, resume: bool = False) -> CompressResult:
         "latency": latency, "speedup": speedup, "threads": torch.get_num_threads(),
         "export_choice": None if forms is None else {"batch": forms["batch"], "layout": forms["layout"], "forms": {
             name: row["form"] for name, row in forms["layers"].items()}},
-        **_latency_summary(plan, per_layer),
+        **_latency_summary(plan, per_layer, None if channels is None else channels["input_ms"]),
         "layers_latency_file": None if per_layer is None else "latency_layers.csv",
         "device": str(rt.device), "wall_time_s": time.perf_counter() - start,
     }

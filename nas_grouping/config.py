@@ -380,6 +380,10 @@ class CompressConfig:
     state_dict: str | None = _f(None, "with --arch: a state dict file (torch.save), or a checkpoint holding one "
                                 "under 'model' or 'state_dict'")
     arch_kwargs: dict = _f({}, "extra builder arguments of --arch, as JSON")
+    channels: Any = _f(None, "channel pruning before self-grouping: the share of every set of coupled channels to "
+                       "remove (0-1; L1 magnitude; channels a residual addition ties go together), or auto with "
+                       "--latency-measured: the least share whose measured latency meets --latency-budget. Budget "
+                       "shares stay shares of the input model")
     grouping: SelfGroupingConfig = field(default_factory=SelfGroupingConfig,
                                          metadata={"help": "self-grouping settings"})
     data: DataConfig = field(default_factory=DataConfig, metadata={"help": "data set settings"})
@@ -406,6 +410,7 @@ class CompressConfig:
             raise ConfigError("--state-dict and --arch-kwargs go with --arch; a --model folder holds its weights")
         if not isinstance(self.arch_kwargs, dict):
             raise ConfigError(f"arch_kwargs must be a dict, got {type(self.arch_kwargs).__name__}")
+        self.channels = _channel_share(self.channels, self.grouping)
         batches = self.latency_batches
         if isinstance(batches, str):
             try:
@@ -420,6 +425,25 @@ class CompressConfig:
             raise ConfigError(f"latency_repeats must be >= 1, got {self.latency_repeats}")
         if self.precision not in ("32", "bf16", "16"):
             raise ConfigError(f"precision must be 32, bf16 or 16, got {self.precision!r}")
+
+
+def _channel_share(value: Any, grouping: SelfGroupingConfig) -> float | str | None:
+    """``CompressConfig.channels``: None, a share in [0, 1), or "auto" (needs a measured latency budget)."""
+    if value is None or value == "":
+        return None
+    if str(value).strip().lower() == "auto":
+        if grouping.latency_budget is None or not grouping.latency_measured:
+            raise ConfigError("--channels auto finds the share of channels whose measured latency meets the latency "
+                              "budget: give --latency-budget and --latency-measured too")
+        return "auto"
+    try:
+        share = float(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"channels: expected a share of channels to remove in [0, 1) or auto, got {value!r}") \
+            from None
+    if not 0 <= share < 1:
+        raise ConfigError(f"channels: the share of channels to remove must be in [0, 1), got {share}")
+    return share
 
 
 # --------------------------------------------------------------------- tuning

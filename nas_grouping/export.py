@@ -8,10 +8,10 @@ the masked model computed, at its effective MACs.
 
 ``save_model`` writes a folder with ``weights.pt`` (a state dict of tensors, read
 with ``torch.load(weights_only=True)``) and ``architecture.json`` (how to build
-the base network, plus every replaced layer's type and configuration). Loading
-never unpickles code: it rebuilds the base network from a registered search
-space or a builder the caller passes, swaps in the recorded layers, and loads the
-tensors.
+the base network, the widths of channel-pruned layers, and every replaced layer's
+type and configuration). Loading never unpickles code: it rebuilds the base network
+from a registered search space or a builder the caller passes, narrows the pruned
+layers, swaps in the recorded layers, and loads the tensors.
 """
 
 from __future__ import annotations
@@ -40,6 +40,7 @@ __all__ = [
 FORMAT_VERSION = "nas-grouping/1"
 LAYERS_ATTR = "nas_grouping_layers"
 LAYOUT_ATTR = "nas_grouping_layout"
+WIDTHS_ATTR = "nas_grouping_widths"  # the widths of channel-pruned layers (channel_pruning.py), kept by save_model
 RECIPE_ATTR = "nas_grouping_recipe"
 
 _EXPORTABLE: dict[str, tuple[type, Callable[[nn.Module], dict], Callable[[dict], nn.Module]]] = {}
@@ -182,6 +183,7 @@ def save_model(model: nn.Module, path: str | os.PathLike, *, recipe: dict[str, A
         "format": FORMAT_VERSION,
         "recipe": recipe,
         "layers": _layer_records(model),
+        "widths": getattr(model, WIDTHS_ATTR, None) or {},
         "layout": getattr(model, LAYOUT_ATTR, "nchw"),
         "torch": torch.__version__,
         "extra": extra or {},
@@ -239,6 +241,10 @@ def load_model(path: str | os.PathLike, *, builder: Callable[..., nn.Module] | N
         model = get_space(recipe["space"], **{**kwargs, "dense": True})
     else:
         raise ExportError(f"{path}: the recipe names no search space; pass builder= to load_model")
+    if arch.get("widths"):
+        from .channel_pruning import set_widths
+
+        set_widths(model, arch["widths"])
     for name, rec in arch["layers"].items():
         if rec["type"] not in _EXPORTABLE:
             raise ExportError(

@@ -62,22 +62,27 @@ def test_mac_and_latency_budgeted_exports_meet_the_mac_budget():
     assert len(forms["groups"]) == len([m for m in gated.modules() if type(m).__name__ == "DGConv2d"])
 
 
-class _MacClock:
-    """A fake machine for the hybrid: 0.1 ms of overhead plus 1 ms per 100k MACs; the dense model is the reference."""
+class _MacClock(MeasuredLatency):
+    """A fake machine for the hybrid's loops: 0.1 ms of overhead plus 1 ms per 100k MACs (the dense model is the
+    reference); exports and side-by-side timings stay real."""
 
     def __init__(self, reference, size) -> None:
-        self.size = size
-        self.reference_ms = self(reference)
+        super().__init__(reference, size, batch=1, repeats=2, warmup=1)
+
+    @property
+    def reference_ms(self) -> float:
+        return self(self.reference)
 
     def __call__(self, model) -> float:
-        return 0.1 + count_macs(model, self.size) / 1e5
+        return 0.1 + count_macs(model, self.input_size) / 1e5
 
 
 def test_hybrid_prunes_channels_to_a_measured_budget_and_keeps_grouping_when_it_keeps_more():
     from search_spaces import get_space
 
-    from nas_grouping.bench.speed import _hybrid
+    from nas_grouping.bench.speed import _all_on, _hybrid
     from nas_grouping.channel_pruning import ChannelPruning
+    from nas_grouping.convert import convert_to_dgconv
 
     torch.manual_seed(0)
     size = (1, 8, 8)
@@ -85,9 +90,10 @@ def test_hybrid_prunes_channels_to_a_measured_budget_and_keeps_grouping_when_it_
     dense_macs = count_macs(dense, size)
     clock = _MacClock(dense, size)
     channels = ChannelPruning(dense, size, round_to=8)
-    slow = {"loop_measured_ms": clock.reference_ms, "macs": dense_macs}  # grouping alone missed the budget
-    model, info = _hybrid(channels, size, dense_macs // 2, 1, 0.5, clock, 2, 0, slow)
-    assert info["hybrid_choice"].startswith("pruned channels") and 0 < info["channel_ratio"] < 1
+    ungrouped = _all_on(convert_to_dgconv(dense))
+    # grouping alone missed the budget: the channels meet it
+    model, info = _hybrid(channels, size, dense_macs // 2, 1, 0.5, clock, 2, 0, ungrouped, clock.reference_ms)
+    assert info["hybrid_choice"] == "pruned channels" and 0 < info["channel_ratio"] < 1
     assert count_macs(model, size) <= dense_macs // 2 and clock(model) <= 0.5 * clock.reference_ms
     assert info["loop_measured_ms"] == pytest.approx(clock(model)) and "note" not in info
     x = torch.randn(3, *size)
@@ -95,6 +101,9 @@ def test_hybrid_prunes_channels_to_a_measured_budget_and_keeps_grouping_when_it_
     with torch.no_grad():
         assert torch.allclose(exported(x), model(x), atol=1e-4)
     # grouping alone met the budget keeping more MACs than the pruned model: it stays
-    kept, info = _hybrid(channels, size, dense_macs // 2, 1, 0.5, clock, 2, 0,
-                         {"loop_measured_ms": 0.5 * clock.reference_ms, "macs": dense_macs // 2})
-    assert kept is None and info["hybrid_choice"] == "groups alone"
+    kept, info = _hybrid(channels, size, dense_macs // 2, 1, 0.5, clock, 2, 0, ungrouped, 0.5 * clock.reference_ms)
+    assert kept is ungrouped and info["hybrid_choice"] == "groups alone" and info["channel_ratio"] == 0.0
+    # nothing meets a budget under the fixed overhead: every candidate is timed side by side, the fastest kept
+    model, info = _hybrid(channels, size, dense_macs // 2, 1, 0.01, clock, 2, 0, ungrouped, clock.reference_ms)
+    assert info["hybrid_choice"] in ("groups alone", "pruned channels", "pruned channels and groups")
+    assert "side by side" in info["note"] and info["loop_tries"] >= 1

@@ -534,3 +534,43 @@ def test_prune_to_latency_out_of_reach_keeps_the_fastest():
     flat = lambda m: 2.0  # noqa: E731
     pruned, ratio, report = ChannelPruning(model, size).prune_to_latency(1.0, flat)
     assert ratio == 0.0 and count_macs(pruned, size) == count_macs(model, size)
+
+
+def test_a_pruned_model_saves_and_loads_with_its_widths(tmp_path):
+    from search_spaces import get_space
+
+    from nas_grouping import convert_to_dgconv, dgconv_layers, export_model, load_model, save_model
+
+    torch.manual_seed(0)
+    size = (1, 8, 8)
+    dense = get_space("digits_convnet", widths=[16, 16, 32, 32, 32, 32], dense=True).eval()
+    randomize_bn(dense)
+    pruned = ChannelPruning(dense, size, round_to=8).prune(0.5)
+    x = torch.randn(4, *size)
+    save_model(pruned, tmp_path / "plain")
+    loaded = load_model(tmp_path / "plain")
+    with torch.no_grad():
+        assert torch.allclose(loaded(x), pruned(x), atol=1e-5)
+    assert loaded.state_dict().keys() == pruned.state_dict().keys()
+    # pruned, then grouped (DGConv with some gates off), exported: widths and groups both come back
+    searchable = convert_to_dgconv(pruned).eval()
+    for _, layer in dgconv_layers(searchable)[1:3]:
+        layer.set_groups(2)
+    exported = export_model(searchable).eval()
+    save_model(exported, tmp_path / "grouped")
+    again = load_model(tmp_path / "grouped")
+    with torch.no_grad():
+        assert torch.allclose(again(x), searchable(x), atol=1e-4)
+    assert [m.out_channels for m in again.modules() if isinstance(m, nn.Conv2d)] == \
+        [m.out_channels for m in exported.modules() if isinstance(m, nn.Conv2d)]
+
+
+def test_set_widths_rejects_records_that_do_not_fit():
+    from nas_grouping.channel_pruning import set_widths
+    from nas_grouping.errors import ExportError
+
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8))
+    with pytest.raises(ExportError, match="no layer"):
+        set_widths(model, {"5": [4]})
+    with pytest.raises(ExportError, match="cannot take"):
+        set_widths(model, {"1": [3, 4, 1]})

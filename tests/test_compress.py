@@ -219,3 +219,42 @@ def test_pinned_forms_keep_outputs_and_are_saved(tmp_path):
 def test_budget_error_mentions_the_numbers(saved, tmp_path):
     with pytest.raises(BudgetError, match=r"cannot be met.*\d"):
         compress(_config(tmp_path, model=str(saved), grouping={"budget": 0.02}))
+
+
+def test_channel_pruning_before_self_grouping_keeps_budgets_shares_of_the_input(saved, tmp_path):
+    result = compress(_config(tmp_path, model=str(saved), channels=0.5))
+    s, run = result.summary, tmp_path / "run"
+    c = s["channel_pruning"]
+    assert c["share"] == 0.5 and c["sets"] > 0 and c["macs_after_channels"] < s["macs_before"]
+    # the MAC budget is half of the input model's MACs, not of the channel-pruned model's
+    assert s["budget_macs"] == s["macs_before"] // 2 and s["budget_met"] and s["macs_after"] <= s["budget_macs"]
+    assert 0 <= s["val_acc_before"] <= 1 and 0 <= s["val_acc_channels"] <= 1
+    assert s["reload_max_abs_diff"] < 1e-5, "the saved model keeps the pruned widths"
+    widths = json.loads((run / "model" / "architecture.json").read_text())["widths"]
+    assert widths and all(isinstance(v, list) for v in widths.values())
+    assert (run / "channels.json").is_file()
+    again = compress(_config(tmp_path, model=str(saved), channels=0.5), resume=True).summary
+    assert again["channel_pruning"]["macs_after_channels"] == c["macs_after_channels"]
+
+
+def test_channels_auto_meets_a_measured_latency_budget_by_measurement(saved, tmp_path):
+    cfg = _config(tmp_path, model=str(saved), channels="auto",
+                  grouping=dict(budget=None, latency_budget="0.9", latency_measured=True, epochs=1))
+    s = compress(cfg).summary
+    c = s["channel_pruning"]
+    assert c["input_ms"] > 0 and c["search"] is not None and 0 <= c["share"] < 1
+    assert c["search"]["met"] == (c["search"]["measured_ms"] <= 0.9 * c["input_ms"])
+    # the pass's latency budget is 0.9 of the *input* model's measured latency
+    assert s["latency_budget_ms"] == pytest.approx(0.9 * c["input_ms"], rel=1e-6)
+    saved_record = json.loads((tmp_path / "run" / "channels.json").read_text())
+    assert saved_record["share"] == c["share"]
+
+
+def test_channels_setting_is_checked():
+    with pytest.raises(ConfigError, match=r"\[0, 1\)"):
+        CompressConfig(model="m", channels=1.2)
+    with pytest.raises(ConfigError, match="auto"):
+        CompressConfig(model="m", channels="lots")
+    with pytest.raises(ConfigError, match="--latency-measured"):
+        CompressConfig(model="m", channels="auto")
+    assert CompressConfig(model="m", channels="0.25").channels == 0.25
