@@ -176,7 +176,8 @@ class ChannelPruning:
                 freeze_inputs(node, "the model's output")
                 continue
             if shape is None:  # a size, a shape: reading the batch size or the rank does not tie the channels
-                benign = node.op == "call_method" and node.target in ("size", "dim") and node.args[1:] in ((0,), ())
+                benign = node.op == "call_method" and (node.target == "size" and node.args[1:] == (0,)
+                                                       or node.target == "dim")
                 if not benign:
                     freeze_inputs(node, f"read by {label}")
                 continue
