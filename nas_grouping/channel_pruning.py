@@ -26,7 +26,7 @@ from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
 from .errors import BudgetError, ConfigError, ExportError
-from .export import WIDTHS_ATTR
+from .export import LAYERS_ATTR, WIDTHS_ATTR, _record
 from .fold import _PER_CHANNEL_FUNCTIONS, _PER_CHANNEL_METHODS, _PER_CHANNEL_MODULES, _Tracer
 from .macs import check_input_size, count_macs
 
@@ -255,8 +255,10 @@ class ChannelPruning:
             for name, role in s.members:
                 _shrink(model.get_submodule(name), role, index)
                 widths[name] = _widths_of(model.get_submodule(name))
-        if widths:
-            setattr(model, WIDTHS_ATTR, widths)
+        records = getattr(model, LAYERS_ATTR, None) or {}
+        setattr(model, WIDTHS_ATTR, {k: v for k, v in widths.items() if k not in records})
+        for name in widths.keys() & records.keys():  # an exported layer keeps its record, now with its new widths
+            _record(model, name, model.get_submodule(name))
         return model
 
     def prune_to_budget(self, budget_macs: int, *, max_ratio: float = 0.9, steps: int = 12

@@ -276,9 +276,9 @@ def _prune_channels(cfg: CompressConfig, original: nn.Module, input_size: Sequen
                 budget_macs = None if grouping.budget is None else \
                     MacBudget.parse(grouping.budget).resolve(count_macs(original, input_size))
                 tqdm.write("[nas-grouping] finding the share of channels whose measured latency meets the budget ...")
-                _, share, search = pruning.prune_to_latency(
-                    parse_latency_budget(lat, record["input_ms"]), measure, budget_macs=budget_macs)
-                record.update(share=share, search=search)
+                budget_ms = parse_latency_budget(lat, record["input_ms"])
+                _, share, search = pruning.prune_to_latency(budget_ms, measure, budget_macs=budget_macs)
+                record.update(share=share, search={**search, "budget_ms": budget_ms})
             out.mkdir(parents=True, exist_ok=True)
             write_json(saved, record)
         record = rt.broadcast(record)
@@ -392,7 +392,10 @@ def compress(cfg: CompressConfig, *, resume: bool = False) -> CompressResult:
         if channels is not None:
             tqdm.write(f"[nas-grouping] channel pruning: {channels['share']:.3f} of every set of coupled channels "
                        f"removed, {count_macs(original, input_size):,} -> {channels['macs_after_channels']:,} "
-                       "MACs/sample")
+                       "MACs/sample" + ("" if not channels["search"] else
+                                        f"; measured {channels['search']['measured_ms']:.3f} ms against a budget of "
+                                        f"{channels['search']['budget_ms']:.3f} ms: "
+                                        + ("met" if channels["search"]["met"] else "NOT met (the fastest share tried)")))
         tqdm.write(f"[nas-grouping] compress {info['source']} on {ds.name}: {plan.macs:,} MACs/sample, "
                    + (f"budget {plan.budget_macs:,} (global fraction {plan.global_fraction:.3f})"
                       if plan.budget_macs is not None else

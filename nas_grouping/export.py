@@ -120,6 +120,9 @@ def _record(model: nn.Module, name: str, layer: nn.Module) -> None:
         raise ExportError(f"{cls_name} at {name!r} is not a registered exportable layer (register_exportable)")
     records[name] = {"type": cls_name, "config": _EXPORTABLE[cls_name][1](layer)}
     setattr(model, LAYERS_ATTR, records)
+    widths = getattr(model, WIDTHS_ATTR, None)
+    if widths and name in widths:  # the record now says what the layer is
+        setattr(model, WIDTHS_ATTR, {k: v for k, v in widths.items() if k != name})
 
 
 def replace_layer(model: nn.Module, name: str, layer: nn.Module) -> None:
@@ -241,10 +244,6 @@ def load_model(path: str | os.PathLike, *, builder: Callable[..., nn.Module] | N
         model = get_space(recipe["space"], **{**kwargs, "dense": True})
     else:
         raise ExportError(f"{path}: the recipe names no search space; pass builder= to load_model")
-    if arch.get("widths"):
-        from .channel_pruning import set_widths
-
-        set_widths(model, arch["widths"])
     for name, rec in arch["layers"].items():
         if rec["type"] not in _EXPORTABLE:
             raise ExportError(
@@ -256,6 +255,10 @@ def load_model(path: str | os.PathLike, *, builder: Callable[..., nn.Module] | N
         except AttributeError:
             raise ExportError(f"{path}: the rebuilt base network has no layer {name!r}; wrong builder?") from None
         replace_layer(model, name, _EXPORTABLE[rec["type"]][2](rec["config"]))
+    if arch.get("widths"):  # layers of the base network narrowed by channel pruning (recorded ones are not here)
+        from .channel_pruning import set_widths
+
+        set_widths(model, arch["widths"])
     file = Path(path) / "weights.pt"
     try:
         state = torch.load(file, map_location=map_location, weights_only=True)

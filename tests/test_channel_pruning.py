@@ -565,6 +565,31 @@ def test_a_pruned_model_saves_and_loads_with_its_widths(tmp_path):
         [m.out_channels for m in exported.modules() if isinstance(m, nn.Conv2d)]
 
 
+def test_an_exported_search_result_pruned_afterwards_saves_and_loads(tmp_path):
+    from search_spaces import get_space
+
+    from nas_grouping import dgconv_layers, export_model, load_model, save_model
+
+    torch.manual_seed(0)
+    size = (1, 8, 8)
+    searchable = get_space("digits_convnet", widths=[16, 16, 32, 32, 32, 32]).eval()
+    for _, layer in dgconv_layers(searchable)[2:4]:
+        layer.set_groups(2)
+    exported = export_model(searchable).eval()  # ungrouped layers are recorded too, with their widths then
+    randomize_bn(exported)
+    pruning = ChannelPruning(exported, size)
+    pruned = pruning.prune(0.5)
+    before, after = getattr(exported, "nas_grouping_layers"), getattr(pruned, "nas_grouping_layers")
+    narrowed = [n for n in after if after[n]["config"].get("out_channels") != before[n]["config"].get("out_channels")]
+    assert narrowed, "a recorded (exported) layer that was pruned keeps its record, with its new widths"
+    assert not set(narrowed) & set(getattr(pruned, "nas_grouping_widths", {}))
+    save_model(pruned, tmp_path / "m")
+    loaded = load_model(tmp_path / "m")
+    x = torch.randn(4, *size)
+    with torch.no_grad():
+        assert torch.allclose(loaded(x), pruned(x), atol=1e-5)
+
+
 def test_set_widths_rejects_records_that_do_not_fit():
     from nas_grouping.channel_pruning import set_widths
     from nas_grouping.errors import ExportError
