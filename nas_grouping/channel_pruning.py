@@ -137,7 +137,7 @@ class ChannelPruning:
         unknown = [n for n in ignore if n not in known]
         if unknown:
             raise ConfigError(f"ignore: no module named {unknown} in the model")
-        self.ignore = set(ignore)
+        self.ignore = {n for n in known if any(n == i or n.startswith(i + ".") or not i for i in ignore)}
         self.sets = self._trace()
 
     def _trace(self) -> list[ChannelSet]:
@@ -221,6 +221,11 @@ class ChannelPruning:
                 freeze_inputs(node, why)
                 out = sets.new(channels, why)
             of[node] = out
+        # a layer whose tensors are also read directly (a tied weight) has readers the rules above do not see
+        read = {n.target.rpartition(".")[0] for n in graph.nodes if n.op == "get_attr"}
+        for s in sets.roots():
+            if any(name in read for name, _ in s.members):
+                s.prunable, s.why = False, s.why or "a layer's tensors are read directly"
         return [s for s in sets.roots() if s.members]
 
     def prunable(self) -> list[ChannelSet]:

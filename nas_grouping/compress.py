@@ -253,7 +253,7 @@ def _prune_channels(cfg: CompressConfig, original: nn.Module, input_size: Sequen
     """Channel pruning before the pass (``cfg.channels``): the narrowed model, the self-grouping settings with
     budget shares made absolute against the input model (so they stay shares of it), and what was done.
 
-    The input model's latency (for a latency share) and the share ``auto`` finds are measured once,
+    The input model's latency (with a latency budget) and the share ``auto`` finds are measured once,
     on rank 0, broadcast, and kept in ``channels.json`` so that ``--resume`` prunes the same channels.
     """
     grouping = cfg.grouping
@@ -264,24 +264,20 @@ def _prune_channels(cfg: CompressConfig, original: nn.Module, input_size: Sequen
     if resume and saved.is_file():
         record = read_json(saved)
     else:
-        record = None
+        record, error = None, None
         if rt.is_main:
-            record = {"share": cfg.channels, "input_ms": None, "search": None}
-            lat = grouping.latency_budget
-            shared = lat is not None and not str(lat).strip().lower().endswith("ms")
-            if shared or cfg.channels == "auto":
-                measure = MeasuredLatency(original, input_size, batch=grouping.latency_batch)
-                record["input_ms"] = measure.reference_ms
-            if cfg.channels == "auto":
-                budget_macs = None if grouping.budget is None else \
-                    MacBudget.parse(grouping.budget).resolve(count_macs(original, input_size))
-                tqdm.write("[nas-grouping] finding the share of channels whose measured latency meets the budget ...")
-                budget_ms = parse_latency_budget(lat, record["input_ms"])
-                _, share, search = pruning.prune_to_latency(budget_ms, measure, budget_macs=budget_macs)
-                record.update(share=share, search={**search, "budget_ms": budget_ms})
-            out.mkdir(parents=True, exist_ok=True)
-            write_json(saved, record)
-        record = rt.broadcast(record)
+            try:
+                record = _channel_record(cfg, pruning, original, input_size)
+            except Exception as exc:  # every rank must hear of it, or the others wait forever
+                error = exc
+            else:
+                out.mkdir(parents=True, exist_ok=True)
+                write_json(saved, record)
+        record, failed = rt.broadcast((record, None if error is None else f"{type(error).__name__}: {error}"))
+        if error is not None:
+            raise error
+        if failed is not None:
+            raise RuntimeError(f"channel pruning failed on rank 0: {failed}")
     narrowed = pruning.prune(record["share"])
     changes: dict[str, Any] = {}
     if grouping.budget is not None:
@@ -291,6 +287,25 @@ def _prune_channels(cfg: CompressConfig, original: nn.Module, input_size: Sequen
     info = {"share": record["share"], "sets": len(pruning.prunable()), "input_ms": record["input_ms"],
             "macs_after_channels": count_macs(narrowed, input_size), "search": record["search"]}
     return narrowed, dataclasses.replace(grouping, **changes), info
+
+
+def _channel_record(cfg: CompressConfig, pruning: ChannelPruning, original: nn.Module,
+                    input_size: Sequence[int]) -> dict[str, Any]:
+    """The share of channels to remove (``auto``: found by measurement) and the input model's measured time,
+    which a latency budget is judged against."""
+    grouping = cfg.grouping
+    record: dict[str, Any] = {"share": cfg.channels, "input_ms": None, "search": None}
+    lat = grouping.latency_budget
+    if lat is None:
+        return record
+    measure = MeasuredLatency(original, input_size, batch=grouping.latency_batch)
+    record["input_ms"] = measure.reference_ms
+    if cfg.channels == "auto":  # the latency alone: the MAC budget is left to the pass that follows
+        tqdm.write("[nas-grouping] finding the share of channels whose measured latency meets the budget ...")
+        budget_ms = parse_latency_budget(lat, record["input_ms"])
+        _, share, search = pruning.prune_to_latency(budget_ms, measure)
+        record.update(share=share, search={**search, "budget_ms": budget_ms})
+    return record
 
 
 def _latency_table(grouping: SelfGroupingConfig, model: nn.Module, input_size: Sequence[int], rt: Runtime, out: Path,

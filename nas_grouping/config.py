@@ -382,8 +382,8 @@ class CompressConfig:
     arch_kwargs: dict = _f({}, "extra builder arguments of --arch, as JSON")
     channels: Any = _f(None, "channel pruning before self-grouping: the share of every set of coupled channels to "
                        "remove (0-1; L1 magnitude; channels a residual addition ties go together), or auto with "
-                       "--latency-measured: the least share whose measured latency meets --latency-budget. Budget "
-                       "shares stay shares of the input model")
+                       "--latency-measured: the least share whose measured latency meets --latency-budget (the MAC "
+                       "budget is left to the pass). Budget shares stay shares of the input model")
     grouping: SelfGroupingConfig = field(default_factory=SelfGroupingConfig,
                                          metadata={"help": "self-grouping settings"})
     data: DataConfig = field(default_factory=DataConfig, metadata={"help": "data set settings"})
@@ -431,6 +431,9 @@ def _channel_share(value: Any, grouping: SelfGroupingConfig) -> float | str | No
     """``CompressConfig.channels``: None, a share in [0, 1), or "auto" (needs a measured latency budget)."""
     if value is None or value == "":
         return None
+    if grouping.latency_table:
+        raise ConfigError("--latency-table was profiled for the input model, whose layers channel pruning narrows: "
+                          "leave it out with --channels (the pass profiles the pruned model)")
     if str(value).strip().lower() == "auto":
         if grouping.latency_budget is None or not grouping.latency_measured:
             raise ConfigError("--channels auto finds the share of channels whose measured latency meets the latency "

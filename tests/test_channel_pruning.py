@@ -599,3 +599,33 @@ def test_set_widths_rejects_records_that_do_not_fit():
         set_widths(model, {"5": [4]})
     with pytest.raises(ExportError, match="cannot take"):
         set_widths(model, {"1": [3, 4, 1]})
+
+
+class TiedWeight(nn.Module):
+    """``c2``'s weight is also read directly by a functional conv: its channels have a reader the trace rules
+    for modules do not see."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1, self.c2, self.fc = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1), nn.Linear(16, 4)
+
+    def forward(self, x):
+        h = torch.relu(self.c1(x))
+        a = F.conv2d(h, self.c2.weight, padding=1)
+        b = self.c2(h)
+        return self.fc(torch.cat([a, b], 1).mean((2, 3)))
+
+
+def test_tied_weights_freeze_their_layers_channels():
+    torch.manual_seed(0)
+    pruning = ChannelPruning(TiedWeight().eval(), (3, 8, 8))
+    frozen = [s for s in pruning.sets if any(n == "c2" for n, _ in s.members)]
+    assert frozen and not any(s.prunable for s in frozen)
+    assert all(not any(n == "c2" for n, _ in s.members) for s in pruning.prunable())
+
+
+def test_ignore_takes_a_container_name():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU()), nn.Conv2d(8, 4, 3)).eval()
+    assert ChannelPruning(model, (3, 8, 8)).prunable()
+    assert not ChannelPruning(model, (3, 8, 8), ignore=["0"]).prunable()

@@ -259,3 +259,15 @@ def test_channels_setting_is_checked():
     with pytest.raises(ConfigError, match="--latency-measured"):
         CompressConfig(model="m", channels="auto")
     assert CompressConfig(model="m", channels="0.25").channels == 0.25
+
+
+def test_channels_with_a_measured_budget_in_ms_is_judged_against_the_input_model(saved, tmp_path):
+    cfg = _config(tmp_path, model=str(saved), channels=0.25,
+                  grouping=dict(budget=None, latency_budget="50ms", latency_measured=True, epochs=1,
+                                clusters="upto:2"))
+    s = compress(cfg).summary
+    assert s["channel_pruning"]["input_ms"] > 0
+    assert s["latency_budget_ms"] == pytest.approx(50.0) and s["latency_budget_met_measured"]
+    with pytest.raises(ConfigError, match="latency-table"):
+        _config(tmp_path, model=str(saved), channels=0.25,
+                grouping=dict(latency_budget="0.5", latency_table="t.json"))

@@ -17,9 +17,9 @@ is about latency), each MAC budget (a share of the dense MACs) and each batch si
 - ``ours-hybrid``: channel pruning, and grouping where that is not enough, at the same
   latency and MAC budgets. The dense network is channel-pruned
   (``channel_pruning.ChannelPruning``: L1 magnitude, coupled channels together, widths
-  multiples of 8) at the ratio whose measured latency meets the budget
-  (``prune_to_latency``); if none does, the most pruned is converted to DGConv and its
-  gates projected as above (its own table and starting time). Of these and
+  multiples of 8) at the least ratio whose measured latency meets the budget within
+  the MAC budget (``prune_to_latency``); if none does, the fastest tried is converted to
+  DGConv and its gates projected as above (its own table and starting time). Of these and
   ``ours-latency`` the one that meets the latency budget with the most MACs is kept, else
   the fastest, timed side by side (``hybrid_choice`` says which);
 - ``torch-pruning``: the dense network channel-pruned by Torch-Pruning (L1 magnitude,
