@@ -30,7 +30,7 @@ from .export import LAYERS_ATTR, WIDTHS_ATTR, _record
 from .fold import _PER_CHANNEL_FUNCTIONS, _PER_CHANNEL_METHODS, _PER_CHANNEL_MODULES, _Tracer
 from .macs import check_input_size, count_macs
 
-__all__ = ["ChannelPruning", "ChannelSet", "prune_channels", "set_widths", "WIDTHS_ATTR"]
+__all__ = ["ChannelPruning", "ChannelSet", "prune_channels", "least_ratio", "set_widths", "WIDTHS_ATTR"]
 
 _ELEMENTWISE = {operator.add, operator.iadd, operator.mul, operator.imul, operator.sub, torch.add, torch.mul,
                 torch.sub}
@@ -278,14 +278,8 @@ class ChannelPruning:
         if least > budget_macs:
             raise BudgetError(f"channel pruning reaches {least:,} MACs at ratio {max_ratio} (the channels that "
                               f"must stay keep the rest); the budget of {budget_macs:,} MACs cannot be met")
-        lo, hi = 0.0, max_ratio
-        for _ in range(steps):
-            mid = (lo + hi) / 2
-            if count_macs(self.prune(mid), self.input_size) <= budget_macs:
-                hi = mid
-            else:
-                lo = mid
-        return self.prune(hi), hi
+        ratio = least_ratio(lambda r: count_macs(self.prune(r), self.input_size) <= budget_macs, max_ratio, steps)
+        return self.prune(ratio), ratio
 
     def prune_to_latency(self, budget_ms: float, measure: Callable[[nn.Module], float], *,
                          budget_macs: int | None = None, max_ratio: float = 0.9, tries: int = 4,
@@ -315,8 +309,9 @@ class ChannelPruning:
             else:
                 model, ratio = self.prune_to_budget(macs, max_ratio=max_ratio)
                 stuck = False
-            return {"ratio": ratio, "macs": count_macs(model, self.input_size), "measured_ms": measure(model),
-                    "stuck": stuck, "_reached": count_macs(model, self.input_size) * unit, "_model": model}
+            made = count_macs(model, self.input_size)
+            return {"ratio": ratio, "macs": made, "measured_ms": measure(model), "stuck": stuck,
+                    "_reached": made * unit, "_model": model}
 
         if start_ms <= budget_ms:
             return start, low, {"met": True, "measured_ms": start_ms, "ratio": low, "tries": []}
@@ -327,6 +322,19 @@ class ChannelPruning:
         if not best["met"] and best["measured_ms"] >= start_ms:  # pruning more never helped: the start is fastest
             return start, low, {**report, "measured_ms": start_ms, "ratio": low}
         return best["_model"], best["ratio"], report
+
+
+def least_ratio(fits: Callable[[float], bool], max_ratio: float, steps: int) -> float:
+    """The least pruning ratio in (0, ``max_ratio``] for which ``fits`` holds (``fits(max_ratio)`` must),
+    by ``steps`` bisections: pruning grows with the ratio, so its cost falls."""
+    lo, hi = 0.0, max_ratio
+    for _ in range(steps):
+        mid = (lo + hi) / 2
+        if fits(mid):
+            hi = mid
+        else:
+            lo = mid
+    return hi
 
 
 def _shrink(m: nn.Module, role: str, index: torch.Tensor) -> None:

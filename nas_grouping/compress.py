@@ -264,20 +264,13 @@ def _prune_channels(cfg: CompressConfig, original: nn.Module, input_size: Sequen
     if resume and saved.is_file():
         record = read_json(saved)
     else:
-        record, error = None, None
-        if rt.is_main:
-            try:
-                record = _channel_record(cfg, pruning, original, input_size)
-            except Exception as exc:  # every rank must hear of it, or the others wait forever
-                error = exc
-            else:
-                out.mkdir(parents=True, exist_ok=True)
-                write_json(saved, record)
-        record, failed = rt.broadcast((record, None if error is None else f"{type(error).__name__}: {error}"))
-        if error is not None:
-            raise error
-        if failed is not None:
-            raise RuntimeError(f"channel pruning failed on rank 0: {failed}")
+        def measured() -> dict[str, Any]:
+            record = _channel_record(cfg, pruning, original, input_size)
+            out.mkdir(parents=True, exist_ok=True)
+            write_json(saved, record)
+            return record
+
+        record = rt.on_main(measured, "channel pruning")
     narrowed = pruning.prune(record["share"])
     changes: dict[str, Any] = {}
     if grouping.budget is not None:
@@ -340,13 +333,15 @@ def _measured_fit(sg: SelfGrouping, model: nn.Module, input_size: Sequence[int],
     saved = out / "latency_measured.json"
     if resume and saved.is_file():
         return read_json(saved)
-    fit = None
-    if rt.is_main:
+
+    def measured() -> dict[str, Any]:
         lat = sg.plan(model, input_size, latency_table=table).latency
         fit = {k: lat[k] for k in MEASURED_KEYS}
         out.mkdir(parents=True, exist_ok=True)
         write_json(saved, fit)
-    return rt.broadcast(fit)
+        return fit
+
+    return rt.on_main(measured, "the measured latency fit")
 
 
 def _latency_summary(plan: GroupingPlan, per_layer: pd.DataFrame | None, input_ms: float | None = None

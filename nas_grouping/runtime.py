@@ -13,7 +13,7 @@ from __future__ import annotations
 import contextlib
 import os
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.distributed as dist
@@ -113,6 +113,25 @@ class Runtime:
         box = [obj]
         dist.broadcast_object_list(box, src=0)
         return box[0]
+
+    def on_main(self, fn: Callable[[], Any], what: str) -> Any:
+        """``fn()`` run on rank 0 only (a measurement, a file written once), its result on every rank.
+
+        If it raises, rank 0 raises that error and the other ranks a ``RuntimeError`` naming ``what``
+        and the error, so that no rank is left waiting for a result that never comes.
+        """
+        value, error = None, None
+        if self.is_main:
+            try:
+                value = fn()
+            except Exception as exc:
+                error = exc
+        value, failed = self.broadcast((value, None if error is None else f"{type(error).__name__}: {error}"))
+        if error is not None:
+            raise error
+        if failed is not None:
+            raise RuntimeError(f"{what} failed on rank 0: {failed}")
+        return value
 
     def gather(self, obj: Any) -> list[Any]:
         """Every rank's ``obj``, in rank order (for consistency checks)."""

@@ -247,18 +247,6 @@ def project_to_measured_latency(model: nn.Module, cost: ModelCost, budget_macs: 
 
     start = snapshot()
 
-    def measured_on_main() -> float:
-        value, error = None, None
-        if rt.is_main:
-            try:
-                value = measure(net)
-            except Exception as exc:  # every rank must hear of it, or the others wait forever
-                error = f"{type(exc).__name__}: {exc}"
-        value, error = rt.broadcast((value, error))
-        if error is not None:
-            raise RuntimeError(f"measuring the projected model failed on rank 0: {error}")
-        return value
-
     def try_target(target: float | None) -> dict[str, Any]:
         restore(start)
         extra = [latency_constraint(latency, target)] if target is not None else None
@@ -269,7 +257,7 @@ def project_to_measured_latency(model: nn.Module, cost: ModelCost, budget_macs: 
             if target is None or cost.current_macs() > budget_macs:
                 raise  # the MAC budget needs more latency than this target
             stuck = True  # the MAC budget holds; the table has nothing faster: measure what it reached
-        return {"predicted_ms": latency.current_ms(), "measured_ms": measured_on_main(), "stuck": stuck,
+        return {"predicted_ms": latency.current_ms(), "measured_ms": rt.on_main(lambda: measure(net), "measuring the projected model"), "stuck": stuck,
                 "_reached": latency.current_ms(), "_state": snapshot()}
 
     best, tried = meet_measured_budget(try_target, budget_ms, table_dense_ms=latency.dense_ms,

@@ -84,3 +84,16 @@ def test_compiled_training_step_matches_eager():
 def test_no_graph_break_in_the_operator():
     explain = torch._dynamo.explain(_net())(torch.randn(2, 1, 8, 8))
     assert explain.graph_break_count == 0
+
+
+def test_on_main_returns_rank_0s_result_and_raises_its_error():
+    from nas_grouping.errors import BudgetError
+
+    rt = setup_runtime("cpu", "32", False)
+    assert rt.on_main(lambda: {"share": 0.5}, "a measurement") == {"share": 0.5}
+
+    def fails():
+        raise BudgetError("cannot be met")
+
+    with pytest.raises(BudgetError, match="cannot be met"):  # rank 0 keeps the error itself
+        rt.on_main(fails, "a measurement")

@@ -47,7 +47,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..config import _f
-from ..channel_pruning import ChannelPruning
+from ..channel_pruning import ChannelPruning, least_ratio
 from ..errors import BudgetError, ConfigError
 from ..fold import count_gathers
 from ..latency import LatencyCost, MeasuredLatency, choose_fastest_forms, fastest_layouts, profile_layers
@@ -128,16 +128,11 @@ def torch_pruning_prune(dense: torch.nn.Module, input_size: tuple[int, ...], bud
         pruner.step()
         return model
 
-    lo, hi = 0.0, 0.9  # near 1 Torch-Pruning skips groups it would empty, so MACs stop falling
-    if count_macs(prune(hi), input_size) > budget_macs:
-        raise BudgetError(f"Torch-Pruning cannot reach {budget_macs:,} MACs even at ratio {hi}")
-    for _ in range(10):
-        mid = (lo + hi) / 2
-        if count_macs(prune(mid), input_size) <= budget_macs:
-            hi = mid
-        else:
-            lo = mid
-    return prune(hi).eval(), hi
+    most = 0.9  # near 1 Torch-Pruning skips groups it would empty, so MACs stop falling
+    if count_macs(prune(most), input_size) > budget_macs:
+        raise BudgetError(f"Torch-Pruning cannot reach {budget_macs:,} MACs even at ratio {most}")
+    ratio = least_ratio(lambda r: count_macs(prune(r), input_size) <= budget_macs, most, 10)
+    return prune(ratio).eval(), ratio
 
 
 def _bound(cost: LatencyCost, model: torch.nn.Module) -> LatencyCost:
