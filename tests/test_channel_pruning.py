@@ -629,3 +629,10 @@ def test_ignore_takes_a_container_name():
     model = nn.Sequential(nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU()), nn.Conv2d(8, 4, 3)).eval()
     assert ChannelPruning(model, (3, 8, 8)).prunable()
     assert not ChannelPruning(model, (3, 8, 8), ignore=["0"]).prunable()
+
+
+def test_wrong_input_size_and_dtype_are_handled():
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 4, 3))
+    with pytest.raises(ConfigError, match=r"does not run on an input of size \(4, 8, 8\)"):
+        ChannelPruning(model, (4, 8, 8))
+    assert ChannelPruning(model.double(), (3, 8, 8)).prunable()  # the probe input takes the model's dtype
