@@ -198,6 +198,7 @@ def run_schedule(sg: "SelfGrouping", model: nn.Module, data: "Datasets", *, batc
                                   epoch=epochs_done)
             lr = opt.param_groups[0]["lr"]
             stats = train_epoch(wrapped, loader, rt, weight_optimizer=opt, progress=show,
+                                label_smoothing=cfg.label_smoothing,
                                 desc=f"step {step}/{cfg.steps} {kind} epoch {epoch + 1}/{n}")
             sched.step()
             epochs_done += 1

@@ -158,6 +158,13 @@ def _cmd_speed(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_data_bench(args: argparse.Namespace) -> int:
+    from .bench.data import DataBenchConfig, bench_data, format_data_bench
+
+    print(format_data_bench(bench_data(config_from_args(DataBenchConfig, args))))
+    return 0
+
+
 def _cmd_bench(args: argparse.Namespace) -> int:
     from . import bench
 
@@ -252,6 +259,12 @@ def build_parser() -> argparse.ArgumentParser:
                          "search, self-grouping, pipeline", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add_config_arguments(q, QualityConfig)
     q.set_defaults(func=_cmd_quality)
+    from .bench.data import DataBenchConfig
+
+    q = bench.add_parser("data", help="CIFAR-10: an epoch through the in-memory data path vs the model's own step "
+                         "time, and the per-sample torchvision path", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_config_arguments(q, DataBenchConfig)
+    q.set_defaults(func=_cmd_data_bench)
     from .bench.speed import SpeedConfig
 
     q = bench.add_parser("speed", help="latency at equal MAC budgets: our MAC-budget and latency-budget exports vs "

@@ -399,6 +399,8 @@ def compress(cfg: CompressConfig, *, resume: bool = False) -> CompressResult:
     if rt.is_main:
         out.mkdir(parents=True, exist_ok=True)
         write_json(out / "config.json", config_to_dict(cfg))
+        if ds.split is not None:
+            write_json(out / "data_split.json", ds.split)
         if channels is not None:
             tqdm.write(f"[nas-grouping] channel pruning: {channels['share']:.3f} of every set of coupled channels "
                        f"removed, {count_macs(original, input_size):,} -> {channels['macs_after_channels']:,} "

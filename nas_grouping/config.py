@@ -18,11 +18,17 @@ from typing import Any, TypeVar, get_type_hints
 
 from .data import DataConfig
 from .errors import ConfigError
+from .protocols import apply_protocol_defaults, merge_protocol
 
 __all__ = ["SearchConfig", "SelfGroupingConfig", "CompressConfig", "TuneConfig", "config_to_dict", "config_from_dict",
            "read_config_file", "check_same_settings", "add_config_arguments", "config_from_args"]
 
 T = TypeVar("T")
+
+#: learning-rate schedules of the training loops
+LR_SCHEDULES = ("cosine", "onecycle")
+PROTOCOL_HELP = ("training protocol that fills the settings you leave out: short (CPU, ~15-20 min for ResNet-20 on "
+                 "CIFAR-10), long (GPU, 200 epochs), or a .json/.toml file; flags and config files override it")
 
 
 def _f(default: Any, help: str, **kw: Any) -> Any:
@@ -45,7 +51,11 @@ class SearchConfig:
     epochs: int = _f(15, "search epochs (warm-up included), after which the gates are frozen")
     warmup_epochs: int = _f(3, "epochs that train weights only before the gates move")
     finetune_epochs: int = _f(5, "epochs with frozen gates after the search")
-    lr: float = _f(0.05, "weight learning rate (SGD, cosine schedule over all epochs)")
+    lr: float = _f(0.05, "weight learning rate (nesterov SGD; its schedule is --lr-schedule)")
+    lr_schedule: str = _f("cosine", "cosine: to 0 over all epochs, stepped per epoch; onecycle: linear warm-up over "
+                          "--lr-warmup-epochs, then linear to 0, stepped per batch", choices=LR_SCHEDULES)
+    lr_warmup_epochs: float = _f(0.0, "onecycle: epochs of linear warm-up from 0 to --lr")
+    label_smoothing: float = _f(0.0, "label smoothing of the training loss (0: none)")
     momentum: float = _f(0.9, "SGD momentum")
     weight_decay: float = _f(5e-4, "weight decay of the weights (never applied to gates)")
     gate_optimizer: str = _f("sgd", "gate optimizer: sgd (no momentum: gates move in proportion to the MACs they "
@@ -75,10 +85,20 @@ class SearchConfig:
                                 "this machine and corrects the table's target (search.project_to_measured_latency)")
     out: str = _f("runs/search", "run folder (checkpoint, exported model, reports)")
     progress: bool = _f(True, "show progress bars")
+    protocol: str | None = _f(None, PROTOCOL_HELP)
+    protocol_applied: bool = _f(False, "set once the protocol has filled the settings", cli=False)
 
     def __post_init__(self) -> None:
         if isinstance(self.data, dict):
             self.data = config_from_dict(DataConfig, self.data)
+        apply_protocol_defaults(self)
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ConfigError(f"lr_schedule must be one of {', '.join(LR_SCHEDULES)}, got {self.lr_schedule!r}")
+        if not 0 <= self.label_smoothing < 1:
+            raise ConfigError(f"label_smoothing must be in [0, 1), got {self.label_smoothing!r}")
+        if not 0 <= self.lr_warmup_epochs <= self.total_epochs:
+            raise ConfigError(f"lr_warmup_epochs must be in [0, epochs + finetune_epochs], got "
+                              f"{self.lr_warmup_epochs!r}")
         for name in ("epochs",):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -121,6 +141,7 @@ def config_to_dict(cfg: Any) -> dict[str, Any]:
 def config_from_dict(cls: type[T], values: dict[str, Any]) -> T:
     """Build ``cls`` from a dict, rejecting unknown keys with the list of known ones."""
     known = {f.name: f for f in dataclasses.fields(cls)}
+    values = merge_protocol(cls, values)
     unknown = sorted(set(values) - set(known))
     if unknown:
         raise ConfigError(f"{cls.__name__}: unknown setting(s) {', '.join(unknown)}; known: {', '.join(known)}")
@@ -215,6 +236,8 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls: type, *, prefix: 
     hints = get_type_hints(cls)
     docs = _attribute_docs(cls)
     for f in dataclasses.fields(cls):
+        if not f.metadata.get("cli", True):
+            continue
         typ = hints[f.name]
         if typing.get_origin(typ) in (typing.Union, types.UnionType):  # Optional[X] -> X
             typ = next((a for a in typing.get_args(typ) if a is not type(None)), str)
@@ -297,6 +320,7 @@ class SelfGroupingConfig:
     lr: float = _f(0.01, "fine-tuning learning rate (SGD, cosine schedule within each fine-tuning phase)")
     momentum: float = _f(0.9, "SGD momentum")
     weight_decay: float = _f(1e-4, "weight decay (only kept weights exist, so pruned ones never come back)")
+    label_smoothing: float = _f(0.0, "label smoothing of the fine-tuning loss (0: none)")
     cluster_sizes: str = _f("free", "free (plain k-means, as the paper) or equal (k-means then an optimal "
                             "assignment into clusters of equal size: faster grouped kernels)",
                             choices=("free", "equal"))
@@ -315,6 +339,8 @@ class SelfGroupingConfig:
         self.clusters = parse_clusters(self.clusters)
         self.fraction = parse_fraction(self.fraction)
         self.exclude = parse_patterns(self.exclude)
+        if not 0 <= self.label_smoothing < 1:
+            raise ConfigError(f"label_smoothing must be in [0, 1), got {self.label_smoothing!r}")
         if self.budget is not None:
             from .budget import MacBudget
 
@@ -394,12 +420,15 @@ class CompressConfig:
                               "(comma-separated; empty: no timing)")
     latency_repeats: int = _f(10, "timed repetitions per model and batch size (median reported)")
     out: str = _f("runs/compress", "run folder (checkpoint, compressed model, reports)")
+    protocol: str | None = _f(None, PROTOCOL_HELP)
+    protocol_applied: bool = _f(False, "set once the protocol has filled the settings", cli=False)
 
     def __post_init__(self) -> None:
         if isinstance(self.data, dict):
             self.data = config_from_dict(DataConfig, self.data)
         if isinstance(self.grouping, dict):
             self.grouping = config_from_dict(SelfGroupingConfig, self.grouping)
+        apply_protocol_defaults(self)
         if (self.model is None) == (self.arch is None):
             raise ConfigError("give exactly one model source: --model FOLDER (a saved model or search run), or "
                               f"--arch NAME with --state-dict FILE; got model={self.model!r}, arch={self.arch!r}")

@@ -32,7 +32,8 @@ from .errors import BudgetError, ConfigError
 from .export import export_model, save_model
 from .macs import count_macs, count_parameters
 from .runtime import Runtime, setup_runtime, unwrap
-from .training import epoch_loader, evaluate, load_checkpoint, save_checkpoint, seed_everything, train_epoch
+from .training import (epoch_loader, evaluate, load_checkpoint, make_lr_scheduler, save_checkpoint, seed_everything,
+                       train_epoch)
 
 __all__ = ["search", "SearchResult", "project_to_budget", "build_search_model"]
 
@@ -432,7 +433,9 @@ def search(cfg: SearchConfig, *, resume: bool = False,
                                  weight_decay=cfg.weight_decay, nesterov=cfg.momentum > 0)
     gate_opt = make_gate_optimizer(arch_parameters(base), cfg.gate_optimizer, cfg.gate_lr) if not fixed else None
     total = cfg.total_epochs
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(weight_opt, T_max=total)
+    steps = len(epoch_loader(train_set, rt, batch_size=cfg.data.batch_size, train=True, seed=cfg.seed, epoch=0))
+    scheduler, per_batch = make_lr_scheduler(weight_opt, cfg.lr_schedule, epochs=total, steps_per_epoch=steps,
+                                             warmup_epochs=cfg.lr_warmup_epochs)
     scaler = rt.grad_scaler() if cfg.precision == "16" else None
     regularizer = make_regularizer(cfg.regularizer, cfg.reg_strength)
 
@@ -459,6 +462,8 @@ def search(cfg: SearchConfig, *, resume: bool = False,
     if rt.is_main:
         out.mkdir(parents=True, exist_ok=True)
         report.write_json(out / "config.json", config_to_dict(cfg))
+        if ds.split is not None:
+            report.write_json(out / "data_split.json", ds.split)
 
     if rt.is_main:
         tqdm.write(f"[nas-grouping] {cfg.space} on {ds.name}: dense {dense_macs:,} MACs/sample, "
@@ -503,8 +508,10 @@ def search(cfg: SearchConfig, *, resume: bool = False,
             else:
                 kwargs.update(loss_hook=loss_hook, gate_optimizer=gate_opt)
         stats = train_epoch(model, loader, rt, weight_optimizer=weight_opt, scaler=scaler, progress=cfg.progress,
-                            desc=f"epoch {epoch + 1}/{total} {phase}", **kwargs)
-        scheduler.step()
+                            desc=f"epoch {epoch + 1}/{total} {phase}", label_smoothing=cfg.label_smoothing,
+                            batch_scheduler=scheduler if per_batch else None, **kwargs)
+        if not per_batch:
+            scheduler.step()
         val = evaluate(model, epoch_loader(ds.val, rt, batch_size=256, train=False, seed=0, epoch=0), rt)
         row = {"epoch": epoch + 1, "phase": phase, "lr": weight_opt.param_groups[0]["lr"],
                "train_loss": stats["loss"], "train_acc": stats["acc"], "val_loss": val["loss"], "val_acc": val["acc"],

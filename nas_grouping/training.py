@@ -23,12 +23,12 @@ from torch.utils.data import Dataset, Sampler
 from tqdm.auto import tqdm
 
 from ._io import atomic_write
-from .data import make_loader
+from .data import TensorBatchLoader, make_loader, tensor_source
 from .errors import ConfigError
 from .runtime import Runtime
 
 __all__ = ["seed_everything", "epoch_loader", "train_epoch", "evaluate", "save_checkpoint", "load_checkpoint",
-           "EpochStats"]
+           "make_lr_scheduler", "EpochStats"]
 
 
 def seed_everything(seed: int) -> None:
@@ -52,7 +52,18 @@ class _ShardSampler(Sampler[int]):
 
 def epoch_loader(dataset: Dataset, rt: Runtime, *, batch_size: int, train: bool, seed: int, epoch: int,
                  num_workers: int = 0) -> Iterable:
-    """A loader for one epoch: shuffled from ``seed`` and ``epoch`` for training, in order for evaluation."""
+    """A loader for one epoch: shuffled from ``seed`` and ``epoch`` for training, in order for evaluation.
+
+    Data held in memory (CIFAR) is batched on the training device by a
+    :class:`~nas_grouping.data.TensorBatchLoader` (``num_workers`` does not apply);
+    other data sets go through a seeded DataLoader.
+    """
+    source = tensor_source(dataset)
+    if source is not None:
+        base, indices = source
+        return TensorBatchLoader(base, indices, batch_size=batch_size, shuffle=train, seed=seed * 100_003 + epoch,
+                                 device=rt.device, drop_last=train and len(dataset) > batch_size * rt.world_size,
+                                 rank=rt.rank, world=rt.world_size)
     pin = rt.device.type == "cuda"
     if train:
         sampler = rt.sampler(dataset, shuffle=True, seed=seed)
@@ -64,6 +75,28 @@ def epoch_loader(dataset: Dataset, rt: Runtime, *, batch_size: int, train: bool,
     sampler = _ShardSampler(len(dataset), rt.rank, rt.world_size) if rt.distributed else None
     return make_loader(dataset, batch_size=batch_size, shuffle=False, sampler=sampler, num_workers=num_workers,
                        pin_memory=pin)
+
+
+def make_lr_scheduler(optimizer: torch.optim.Optimizer, kind: str, *, epochs: int, steps_per_epoch: int,
+                      warmup_epochs: float = 0.0) -> tuple[torch.optim.lr_scheduler.LRScheduler, bool]:
+    """The learning-rate schedule of a training run, and whether it steps per batch (else per epoch).
+
+    ``cosine`` anneals to 0 over ``epochs``, one step per epoch; ``onecycle`` rises linearly
+    from 0 over ``warmup_epochs``, then falls linearly to 0 at the last batch.
+    """
+    if kind == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs), False
+    if kind != "onecycle":
+        raise ConfigError(f"lr_schedule must be cosine or onecycle, got {kind!r}")
+    total = max(1, epochs * steps_per_epoch)
+    warm = min(int(round(warmup_epochs * steps_per_epoch)), total - 1)
+
+    def factor(step: int) -> float:
+        if step < warm:
+            return (step + 1) / (warm + 1)
+        return max(0.0, (total - step) / max(1, total - warm))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor), True
 
 
 class EpochStats(dict):
@@ -84,6 +117,8 @@ def train_epoch(
     loss_hook: Callable[[Tensor], Tensor] | None = None,
     gate_step: Callable[[], None] | None = None,
     gate_optimizer: torch.optim.Optimizer | None = None,
+    label_smoothing: float = 0.0,
+    batch_scheduler: Any = None,
     progress: bool = False,
     desc: str = "train",
 ) -> EpochStats:
@@ -94,6 +129,8 @@ def train_epoch(
         gate_optimizer: stepped together with the weights (single-level search).
         gate_step: called before each weight step (bi-level search: a gate update
             on its own batch).
+        label_smoothing: of the training loss (the reported loss is plain cross-entropy).
+        batch_scheduler: a learning-rate scheduler stepped after every weight step.
     """
     model.train()
     total_loss, correct, seen = 0.0, 0, 0
@@ -107,7 +144,7 @@ def train_epoch(
             gate_optimizer.zero_grad(set_to_none=True)
         with rt.autocast():
             out = model(x)
-            task = F.cross_entropy(out.float(), y)
+            task = F.cross_entropy(out.float(), y, label_smoothing=label_smoothing)
         loss = loss_hook(task) if loss_hook is not None else task
         if not torch.isfinite(loss):
             raise FloatingPointError(
@@ -124,8 +161,11 @@ def train_epoch(
             weight_optimizer.step()
             if gate_optimizer is not None:
                 gate_optimizer.step()
+        if batch_scheduler is not None:
+            batch_scheduler.step()
         n = y.shape[0]
-        total_loss += float(task.detach()) * n
+        plain = F.cross_entropy(out.detach().float(), y) if label_smoothing else task.detach()
+        total_loss += float(plain) * n
         correct += int((out.detach().argmax(1) == y).sum())
         seen += n
     total_loss, correct, seen = rt.all_reduce_sum([total_loss, correct, seen])

@@ -27,7 +27,9 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from ..config import SearchConfig, _f, config_to_dict
+from ..config import PROTOCOL_HELP, CompressConfig, SearchConfig, SelfGroupingConfig, _f, config_from_dict, \
+    config_to_dict
+from ..protocols import apply_protocol_defaults, merge_protocol
 from ..data import DataConfig, load_datasets
 from ..errors import ConfigError
 from ..macs import count_macs
@@ -55,12 +57,16 @@ class QualityConfig:
     quick: bool = _f(False, "2 seeds and the first budget only (a smoke run)")
     out: str = _f("runs/quality", "run folder (resumable: finished cells are not rerun)")
     progress: bool = _f(True, "show progress bars")
+    protocol: str | None = _f(None, PROTOCOL_HELP + "; every cell trains by it (epochs and sg_epochs are then the "
+                              "protocol's)")
+    protocol_applied: bool = _f(False, "set once the protocol has filled the settings", cli=False)
 
     def __post_init__(self) -> None:
         if isinstance(self.data, dict):
             from ..config import config_from_dict
 
             self.data = config_from_dict(DataConfig, self.data)
+        apply_protocol_defaults(self)
         if not self.budgets or any(not 0 < float(b) <= 1 for b in self.budgets):
             raise ConfigError(f"budgets must be fractions in (0, 1], got {self.budgets}")
         unknown = set(self.methods) - set(METHODS)
@@ -120,14 +126,18 @@ class _Bench:
         self.size = (self.ds.in_channels, *self.ds.input_size)
 
     def search_config(self, name: str, seed: int, **kw: Any) -> SearchConfig:
-        e = self.cfg.epochs
-        base = dict(space=self.cfg.space, space_kwargs=self.cfg.space_kwargs, data=self.cfg.data, seed=seed,
-                    epochs=e - max(1, e // 3), warmup_epochs=max(1, e // 5), finetune_epochs=max(1, e // 3),
-                    progress=False, measure_latency=False, out=str(self.out / "runs" / name))
+        base = dict(space=self.cfg.space, space_kwargs=self.cfg.space_kwargs, data=config_to_dict(self.cfg.data),
+                    seed=seed, progress=False, measure_latency=False, out=str(self.out / "runs" / name))
+        if self.cfg.protocol:
+            base["protocol"] = self.cfg.protocol
+            e = config_from_dict(SearchConfig, {"protocol": self.cfg.protocol}).total_epochs
+        else:
+            e = self.cfg.epochs
+            base.update(epochs=e - max(1, e // 3), warmup_epochs=max(1, e // 5), finetune_epochs=max(1, e // 3))
         if kw.get("dense") or kw.get("fixed_groups"):
             base.update(epochs=e, warmup_epochs=0, finetune_epochs=0)
         base.update(kw)
-        return SearchConfig(**base)
+        return config_from_dict(SearchConfig, base)
 
     def run_search(self, name: str, seed: int, **kw: Any):
         from ..search import search
@@ -138,10 +148,12 @@ class _Bench:
             return search(cfg, resume=resume)
 
     def self_group(self, model, budget: float | int, seed: int):
-        from ..config import SelfGroupingConfig
         from ..self_grouping import SelfGrouping
 
-        sg = SelfGrouping(SelfGroupingConfig(budget=budget, epochs=self.cfg.sg_epochs, seed=seed, progress=False))
+        settings = {"epochs": self.cfg.sg_epochs}
+        if self.cfg.protocol:
+            settings = merge_protocol(CompressConfig, {"protocol": self.cfg.protocol}).get("grouping", {})
+        sg = SelfGrouping(SelfGroupingConfig(**{**settings, "budget": budget, "seed": seed, "progress": False}))
         with contextlib.redirect_stdout(io.StringIO()):
             result = sg.run(model, self.ds, batch_size=self.cfg.data.batch_size)
         return result.model, result.val_acc("global") or result.val_acc("pruned")

@@ -1,0 +1,60 @@
+"""Data sets and loaders for training and searching image classifiers.
+
+One entry point, :func:`load_datasets`, turns a :class:`DataConfig` into a
+train/validation pair plus the facts a model needs (classes, channels, size):
+
+- ``digits``: scikit-learn's bundled 8x8 digits (1797 real images, no download),
+  so searches and tests run anywhere, offline, in seconds;
+- ``cifar10`` / ``cifar100``: the python-pickle releases, or the CIFAR-10 JPEG copy
+  (a ``.tar.gz`` of ``train/<class>/*.jpg`` or its extracted folder), read from
+  ``--data-dir`` and held in memory as uint8 tensors that are augmented a whole
+  batch at a time (:mod:`~nas_grouping.data.memory`);
+- ``imagefolder``: one subfolder per class, with or without ``train/`` + ``val/``.
+
+Splits are seeded and stratified, and loaders seed their shuffling, so a run with
+the same seeds sees the same data in the same order.
+"""
+
+from __future__ import annotations
+
+from ..errors import ConfigError
+from .cifar import CIFAR10_CLASSES, load_cifar, read_cifar10_jpeg
+from .config import DATASETS, DataConfig, Datasets
+from .digits import DigitsDataset, load_digits
+from .imagefolder import load_imagefolder
+from .loaders import make_loader
+from .memory import ImageTensorDataset, TensorBatchLoader, augment_batch, tensor_source
+from .splits import split_dataset
+
+__all__ = [
+    "CIFAR10_CLASSES",
+    "DATASETS",
+    "DataConfig",
+    "Datasets",
+    "DigitsDataset",
+    "ImageTensorDataset",
+    "TensorBatchLoader",
+    "augment_batch",
+    "load_datasets",
+    "make_loader",
+    "read_cifar10_jpeg",
+    "split_dataset",
+    "tensor_source",
+]
+
+
+def load_datasets(cfg: DataConfig) -> Datasets:
+    """Load the train/validation pair that ``cfg`` describes.
+
+    Raises:
+        DataError: The data set is missing, incomplete or malformed; the message
+            names the path looked at and how to fix it.
+        ConfigError: ``cfg`` is not a :class:`DataConfig`.
+    """
+    if not isinstance(cfg, DataConfig):
+        raise ConfigError(f"load_datasets: expected a DataConfig, got {type(cfg).__name__}")
+    if cfg.dataset == "digits":
+        return load_digits(cfg)
+    if cfg.dataset in ("cifar10", "cifar100"):
+        return load_cifar(cfg)
+    return load_imagefolder(cfg)
