@@ -250,7 +250,8 @@ def _plots(study: Any, trials: Sequence[Any], feasible: Sequence[Any], front: Se
     ax.set_xlabel("trial")
     ax.set_ylabel("validation accuracy")
     ax.set_title("optimization history")
-    ax.legend(fontsize=8, loc="lower right")
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=8, loc="lower right")
     fig.tight_layout()
     fig.savefig(out / "history.png", dpi=110)
     plt.close(fig)
@@ -321,8 +322,10 @@ def format_tuning_run(run_dir: str | Path, *, top: int = 20) -> str:
         lines.append("Pareto front (feasible, accuracy vs latency): " + "; ".join(
             f"trial {t['number']}: {t['val_acc']:.4f} at {t['latency_ms']:.3f} ms" for t in s["pareto_front"]))
     csv = run / TRIALS_CSV
-    if csv.is_file():
+    if csv.is_file() and csv.stat().st_size > 1:
         lines.append(trial_table(pd.read_csv(csv), s["dense_macs"], top=top))
+    elif csv.is_file():
+        lines.append("no trial has run yet")
     return "\n".join(lines)
 
 

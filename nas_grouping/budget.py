@@ -40,17 +40,27 @@ class MacBudget:
 
     @classmethod
     def parse(cls, value: float | int | str) -> "MacBudget":
-        """``0.5`` -> half the dense MACs; ``12e6`` or ``"12M"`` -> absolute MACs."""
+        """``0.5`` -> half the dense MACs; ``12e6`` or ``"12M"`` -> absolute MACs.
+
+        Up to 1 a budget is a fraction; above 1 it is MACs per sample and must be whole
+        (``1.5`` is refused rather than read as 1 MAC or as 100%).
+        """
+        expected = "expected a fraction of the dense MACs in (0, 1] such as 0.5, or MACs per sample such as 12M"
         if isinstance(value, str):
             v = value.strip().upper()
             scale = {"K": 1e3, "M": 1e6, "G": 1e9}.get(v[-1:], None)
             try:
                 number = float(v[:-1]) * scale if scale else float(v)
             except ValueError:
-                raise ConfigError(f"budget {value!r}: expected a fraction such as 0.5 or MACs such as 12M") from None
+                raise ConfigError(f"budget {value!r}: {expected}") from None
             value = number
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
+            raise ConfigError(f"budget {value!r}: {expected}")
         if value <= 1:
             return cls(fraction=float(value))
+        if not float(value).is_integer():
+            raise ConfigError(f"budget {value!r}: above 1 a budget is MACs per sample and must be a whole number "
+                              f"(such as 12M); a fraction of the dense model is at most 1")
         return cls(macs=int(value))
 
     def resolve(self, dense_macs: int) -> int:

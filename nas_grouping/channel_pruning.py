@@ -250,6 +250,10 @@ class ChannelPruning:
         """A copy of the model with ``ratio`` of every prunable channel set removed (lowest L1 first)."""
         if not 0 <= ratio < 1:
             raise ConfigError(f"ratio must be in [0, 1), got {ratio}")
+        if ratio > 0 and not self.prunable():
+            raise ConfigError(f"no channel of this {type(self.model).__name__} can be pruned (every set of coupled "
+                              "channels is seen by the model's input or output, a reshape, a concatenation or an "
+                              "operation the pass does not know, as in attention blocks); it would come back unchanged")
         model = copy.deepcopy(self.model)
         widths = dict(getattr(model, WIDTHS_ATTR, None) or {})
         for s in self.prunable():

@@ -29,6 +29,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ._io import check_run_folder, claim_run_folder
 from .budget import MacBudget
 from .channel_pruning import ChannelPruning
 from .config import CompressConfig, SelfGroupingConfig, check_same_settings, config_to_dict
@@ -381,6 +382,7 @@ def compress(cfg: CompressConfig, *, resume: bool = False) -> CompressResult:
         raise TypeError(f"cfg must be a CompressConfig, got {type(cfg).__name__}")
     rt = setup_runtime(cfg.device, cfg.precision, cfg.channels_last)
     out = Path(cfg.out)
+    rt.on_main(lambda: check_run_folder(out, "compress"), "checking the run folder")
     ds = load_datasets(cfg.data)
     input_size = (ds.in_channels, *ds.input_size)
     original, info = load_source_model(cfg, num_classes=ds.num_classes, in_channels=ds.in_channels)
@@ -397,7 +399,7 @@ def compress(cfg: CompressConfig, *, resume: bool = False) -> CompressResult:
     plan = sg.plan(narrowed, input_size, latency_table=table, measured=_measured_fit(sg, narrowed, input_size, table,
                                                                                      rt, out, resume))
     if rt.is_main:
-        out.mkdir(parents=True, exist_ok=True)
+        claim_run_folder(out, "compress")
         write_json(out / "config.json", config_to_dict(cfg))
         if ds.split is not None:
             write_json(out / "data_split.json", ds.split)

@@ -44,7 +44,8 @@ class SearchConfig:
     space: str = _f("resnet20", "search space name (see `nas-grouping spaces`)")
     space_kwargs: dict = _f({}, "extra builder arguments of the space, as JSON, e.g. '{\"width\": 2}'")
     data: DataConfig = field(default_factory=DataConfig, metadata={"help": "data set settings"})
-    budget: float = _f(0.5, "MAC budget: a fraction of the dense model (<= 1) or MACs per sample (> 1, e.g. 12M)")
+    budget: float = _f(0.5, "MAC budget: a fraction of the dense model (<= 1) or MACs per sample (> 1, e.g. 12M)",
+                       raw=True)
     regularizer: str = _f("additive", "resource regularizer: additive (loss + s*relu(c/b-1)) or multiplicative "
                           "(loss*(c/b)^s, the paper's form)", choices=("additive", "multiplicative"))
     reg_strength: float = _f(0.5, "regularizer strength s (lambda for additive, exponent for multiplicative)")
@@ -92,6 +93,11 @@ class SearchConfig:
         if isinstance(self.data, dict):
             self.data = config_from_dict(DataConfig, self.data)
         apply_protocol_defaults(self)
+        from .budget import MacBudget
+
+        b = MacBudget.parse(self.budget)
+        self.budget = b.fraction if b.fraction is not None else float(b.macs)
+        check_field_types(self)
         if self.lr_schedule not in LR_SCHEDULES:
             raise ConfigError(f"lr_schedule must be one of {', '.join(LR_SCHEDULES)}, got {self.lr_schedule!r}")
         if not 0 <= self.label_smoothing < 1:
@@ -138,8 +144,48 @@ def config_to_dict(cfg: Any) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
 
 
+def _plain_type(hint: Any) -> tuple[Any, bool]:
+    """``(X, optional)`` for a hint ``X`` or ``X | None``."""
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        return (args[0] if len(args) == 1 else Any), len(args) < len(typing.get_args(hint))
+    return hint, False
+
+
+def _coerce(owner: str, name: str, hint: Any, value: Any) -> Any:
+    """A setting from a file or dict, parsed as a command-line flag would be (``"3"`` -> 3)."""
+    typ, optional = _plain_type(hint)
+    if not isinstance(value, str) or typ not in (int, float, bool):
+        return value
+    if optional and value.strip().lower() in ("", "none", "null"):
+        return None
+    try:
+        return _parse_bool(value) if typ is bool else typ(value)
+    except (ValueError, argparse.ArgumentTypeError):
+        kind = {int: "an integer", float: "a number", bool: "true or false"}[typ]
+        raise ConfigError(f"{owner}.{name}: expected {kind}, got {value!r}") from None
+
+
+def check_field_types(cfg: Any) -> None:
+    """Refuse a number or flag setting of the wrong type with its name (not a TypeError from deep inside)."""
+    for f in dataclasses.fields(cfg):
+        typ, optional = _plain_type(get_type_hints(type(cfg))[f.name])
+        value = getattr(cfg, f.name)
+        if typ not in (int, float, bool) or (optional and value is None):
+            continue
+        ok = isinstance(value, bool) if typ is bool else (
+            not isinstance(value, bool) and isinstance(value, (int, float) if typ is float else int))
+        if not ok:
+            kind = {int: "an integer", float: "a number", bool: "true or false"}[typ]
+            raise ConfigError(f"{type(cfg).__name__}.{f.name}: expected {kind}, got {value!r}")
+
+
 def config_from_dict(cls: type[T], values: dict[str, Any]) -> T:
-    """Build ``cls`` from a dict, rejecting unknown keys with the list of known ones."""
+    """Build ``cls`` from a dict, rejecting unknown keys with the list of known ones.
+
+    String values of number and flag settings are parsed as on the command line, so a
+    config file's ``"epochs": "3"`` means what ``--epochs 3`` means.
+    """
     known = {f.name: f for f in dataclasses.fields(cls)}
     values = merge_protocol(cls, values)
     unknown = sorted(set(values) - set(known))
@@ -150,7 +196,7 @@ def config_from_dict(cls: type[T], values: dict[str, Any]) -> T:
     for k, v in values.items():
         if dataclasses.is_dataclass(hints.get(k)) and isinstance(v, dict):
             v = config_from_dict(hints[k], v)
-        kwargs[k] = v
+        kwargs[k] = v if known[k].metadata.get("raw") else _coerce(cls.__name__, k, hints[k], v)
     return cls(**kwargs)
 
 
@@ -339,6 +385,7 @@ class SelfGroupingConfig:
         self.clusters = parse_clusters(self.clusters)
         self.fraction = parse_fraction(self.fraction)
         self.exclude = parse_patterns(self.exclude)
+        check_field_types(self)
         if not 0 <= self.label_smoothing < 1:
             raise ConfigError(f"label_smoothing must be in [0, 1), got {self.label_smoothing!r}")
         if self.budget is not None:
@@ -429,6 +476,7 @@ class CompressConfig:
         if isinstance(self.grouping, dict):
             self.grouping = config_from_dict(SelfGroupingConfig, self.grouping)
         apply_protocol_defaults(self)
+        check_field_types(self)
         if (self.model is None) == (self.arch is None):
             raise ConfigError("give exactly one model source: --model FOLDER (a saved model or search run), or "
                               f"--arch NAME with --state-dict FILE; got model={self.model!r}, arch={self.arch!r}")

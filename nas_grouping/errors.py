@@ -4,7 +4,8 @@ Each subclass also inherits the builtin that fits (ValueError, FileNotFoundError
 ImportError), so callers that catch builtins keep working.
 """
 
-__all__ = ["NasGroupingError", "ConfigError", "BudgetError", "DataError", "ExportError", "MissingDependencyError"]
+__all__ = ["NasGroupingError", "ConfigError", "BudgetError", "DataError", "ExportError", "MissingDependencyError",
+           "WorkerError"]
 
 
 class NasGroupingError(Exception):
@@ -29,3 +30,7 @@ class ExportError(NasGroupingError, ValueError):
 
 class MissingDependencyError(NasGroupingError, ImportError):
     """An optional package that a feature needs is not installed."""
+
+
+class WorkerError(NasGroupingError, RuntimeError):
+    """A worker process (of a tuning study) died or failed; the shared state it worked on is kept."""

@@ -19,10 +19,11 @@ from typing import Any, Iterator, Sequence
 import torch
 from torch import Tensor, nn
 from torch.nn.modules.conv import _ConvNd
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from .errors import ConfigError
 
-__all__ = ["LayerMacs", "layer_macs", "count_macs", "count_parameters", "flop_counter_macs", "check_input_size"]
+__all__ = ["FUNCTIONAL", "LayerMacs", "layer_macs", "count_macs", "count_parameters", "flop_counter_macs", "check_input_size"]
 
 
 @dataclass(frozen=True)
@@ -96,19 +97,83 @@ def _describe(module: nn.Module) -> tuple[int, int, tuple[int, ...], int | None]
     return in_c, out_c, kernel, (int(groups) if isinstance(groups, int) else None)
 
 
+#: the row of multiply-accumulates done outside conv/linear modules (attention, F.linear, matmul)
+FUNCTIONAL = "(functional ops)"
+
+
+def _attention_macs(func: Any, args: tuple, out: Any) -> int | None:
+    """MACs of fused attention kernels that FlopCounterMode's registry does not know (CPU variants)."""
+    name = str(func._overloadpacket)
+    if "scaled_dot_product" in name and "backward" not in name:
+        q, k = args[0], args[1]  # (B, H, L, D), (B, H, S, D)
+        return 2 * math.prod(q.shape[:-1]) * k.shape[-2] * q.shape[-1]
+    if name.endswith("_native_multi_head_attention"):
+        q, k, embed = args[0], args[1], int(args[3])  # (B, L, E), (B, S, E)
+        b, length, src = q.shape[0], q.shape[-2], k.shape[-2]
+        return b * (length * embed * embed * 2 + 2 * src * embed * embed + 2 * length * src * embed)
+    return None
+
+
+class _Uncounted(TorchDispatchMode):
+    """Multiply-accumulates of matmul-like ops run outside the counted modules (depth 0).
+
+    A counted module raises ``depth`` while it runs, so its own ops are not seen twice. An op
+    whose cost is known neither to FlopCounterMode's registry nor here is collected in
+    ``unknown`` (the caller refuses to give a count it knows to be short).
+    """
+
+    _COSTLY = frozenset({"mm", "addmm", "bmm", "baddbmm", "addbmm", "matmul", "mv", "addmv", "dot", "vdot", "einsum",
+                         "linear", "bilinear", "convolution", "_convolution", "conv1d", "conv2d", "conv3d",
+                         "conv_transpose1d", "conv_transpose2d", "conv_transpose3d", "mkldnn_convolution",
+                         "_slow_conv2d_forward"})
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.depth, self.macs, self.unknown = 0, 0, set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
+        from torch.utils.flop_counter import flop_registry
+
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        if self.depth == 0:
+            packet = func._overloadpacket
+            own = _attention_macs(func, args, out)
+            if own is not None:
+                self.macs += own
+            elif packet in flop_registry:
+                self.macs += int(flop_registry[packet](*args, **kwargs, out_val=out)) // 2
+            elif (name := str(packet).rsplit(".", 1)[-1]) in self._COSTLY or "attention" in name:
+                self.unknown.add(str(packet))
+        return out
+
+
 def layer_macs(model: nn.Module, input_size: Sequence[int]) -> list[LayerMacs]:
     """Per-layer MACs and parameters of ``model`` for one sample of ``input_size`` (C, H, W).
 
     Runs one forward pass on a zero batch of one sample in eval mode (the
-    model's train/eval flags are restored afterwards).
+    model's train/eval flags are restored afterwards). Matrix products done outside
+    conv/linear modules (attention, ``F.linear`` on a module's weight) are counted in
+    one more row, :data:`FUNCTIONAL`.
+
+    Raises:
+        ConfigError: the forward pass fails, or runs an operation whose cost is unknown
+            (a count without it would be short).
     """
     size = check_input_size(input_size)
     records: dict[str, tuple[nn.Module, Tensor, Tensor]] = {}
     handles = []
     counted = list(_counted_modules(model))
+    uncounted = _Uncounted()
+
+    def enter(mod, args):
+        uncounted.depth += 1
+
     for name, module in counted:
         def hook(mod, args, out, _name=name):
+            uncounted.depth -= 1
             records[_name] = (mod, args[0], out)
+        handles.append(module.register_forward_pre_hook(enter))
         handles.append(module.register_forward_hook(hook))
     flags = {m: m.training for m in model.modules()}
     try:
@@ -117,7 +182,7 @@ def layer_macs(model: nn.Module, input_size: Sequence[int]) -> list[LayerMacs]:
         dtype = ref.dtype if ref is not None and ref.is_floating_point() else torch.float32
         x = torch.zeros(1, *size, device=device, dtype=dtype)
         model.eval()
-        with torch.no_grad():
+        with torch.no_grad(), uncounted:
             try:
                 model(x)
             except ConfigError:
@@ -143,6 +208,12 @@ def layer_macs(model: nn.Module, input_size: Sequence[int]) -> list[LayerMacs]:
         macs = int(own(out_size)) if callable(own) else _standard_macs(mod, inp, out)
         in_c, out_c, kernel, groups = _describe(mod)
         rows.append(LayerMacs(name, type(mod).__name__, in_c, out_c, kernel, groups, out_size, macs, _params(mod)))
+    if uncounted.unknown:
+        raise ConfigError(f"counting MACs: {type(model).__name__} runs {', '.join(sorted(uncounted.unknown))} outside "
+                          "conv/linear modules, whose cost the counter does not know; refusing to report a count "
+                          "that would be short")
+    if uncounted.macs:
+        rows.append(LayerMacs(FUNCTIONAL, "functional", 0, 0, (), None, (), int(uncounted.macs), 0))
     return rows
 
 

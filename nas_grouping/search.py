@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from ._io import check_run_folder, claim_run_folder
 from .budget import MacBudget, ModelCost, make_regularizer
 from .config import SearchConfig, check_same_settings, config_from_dict, config_to_dict
 from .convert import arch_parameters, dgconv_layers, weight_parameters
@@ -407,6 +408,7 @@ def search(cfg: SearchConfig, *, resume: bool = False,
     start_time = time.perf_counter()
     rt = setup_runtime(cfg.device, cfg.precision, cfg.channels_last, cfg.compile)
     out = Path(cfg.out)
+    rt.on_main(lambda: check_run_folder(out, "search"), "checking the run folder")
     ds = load_datasets(cfg.data)
     input_size = (ds.in_channels, *ds.input_size)
     seed_everything(cfg.seed)
@@ -460,7 +462,7 @@ def search(cfg: SearchConfig, *, resume: bool = False,
         latency_loop = ckpt.get("latency_loop")
         torch.set_rng_state(ckpt["rng"])
     if rt.is_main:
-        out.mkdir(parents=True, exist_ok=True)
+        claim_run_folder(out, "search")
         report.write_json(out / "config.json", config_to_dict(cfg))
         if ds.split is not None:
             report.write_json(out / "data_split.json", ds.split)

@@ -41,12 +41,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+from ._io import check_run_folder, claim_run_folder
 from ._tune_knobs import BUDGET, SHARE, Knob, apply_knobs, check_enqueued, knob_groups, parse_knobs, share_param
 from ._tune_report import SUMMARY, format_tuning_run, write_results
 from ._tune_storage import ClaimLock, StorageSpec, WorkerLock, open_storage, resolve_storage
 from ._tune_trials import TrialContext, make_objective, model_latency_ms
 from .config import CompressConfig, SearchConfig, TuneConfig, config_from_dict, config_to_dict
-from .errors import ConfigError
+from .errors import ConfigError, WorkerError
 from .report import read_json, write_json
 
 __all__ = ["tune", "TuneResult", "Knob", "print_tuning_run", "is_tuning_run", "load_tuning_config"]
@@ -402,7 +403,8 @@ def base_seed(base: Any) -> int:
     return base.seed if isinstance(base, SearchConfig) else base.grouping.seed
 
 
-def _run_workers(n: int, payload: dict[str, Any]) -> None:
+def _run_workers(n: int, payload: dict[str, Any]) -> list[str]:
+    """Run ``n`` worker processes on the study; how each one that failed ended (empty: all finished)."""
     mp = multiprocessing.get_context("spawn")
     threads = max(1, (os.cpu_count() or 1) // n)
     procs = [mp.Process(target=_worker_entry, args=({**payload, "index": i, "threads": threads},),
@@ -418,10 +420,9 @@ def _run_workers(n: int, payload: dict[str, Any]) -> None:
             if p.is_alive():
                 p.terminate()
         raise
-    bad = [(p.name, p.exitcode) for p in procs if p.exitcode != 0]
-    if bad:
-        raise RuntimeError(f"tuning worker(s) failed: {', '.join(f'{n} exit code {c}' for n, c in bad)}; "
-                           "their errors are printed above. Fix the cause and resume (same command with --resume)")
+    return [f"{p.name} was killed by signal {-p.exitcode}" if p.exitcode < 0 else
+            f"{p.name} exited with code {p.exitcode} (its error is printed above)"
+            for p in procs if p.exitcode != 0]
 
 
 # ------------------------------------------------------------------ public
@@ -459,19 +460,24 @@ def tune(base: SearchConfig | CompressConfig, config: TuneConfig | None = None, 
     if (out / TUNE_FILE).exists() and not resume:
         raise ConfigError(f"{out} already holds a tuning run; pass --resume (resume=True) to continue it with the "
                           "same settings, or choose another --out")
+    if resume and not (out / TUNE_FILE).is_file():
+        raise ConfigError(f"--resume: {out} holds no tuning run (no {TUNE_FILE}); run without --resume to start one "
+                          "there, or point --out at the tuning run to continue")
+    check_run_folder(out, "tune")
     ctx = _prepare(kind, base, config, out, quiet=quiet)
     share_names = [share_param(g) for g in dict.fromkeys(ctx.share_groups.values())]
     enqueued = check_enqueued(kind, ctx.knobs, config.enqueue, share_names)
     spec = resolve_storage(config.storage, out, config.workers)
     storage = open_storage(spec, heartbeat=config.heartbeat)
-    name = config.study_name or out.resolve().name
+    saved_name = read_json(out / TUNE_FILE).get("study_name") if resume else None
+    name = config.study_name or saved_name or out.resolve().name  # a moved or renamed folder keeps its study
     shared = config.workers > 1 or spec.kind == "server"
     if sampler is None:
         sampler = _make_sampler(config, _worker_seed(base_seed(base), 0, server=spec.kind == "server"), shared=shared)
     pruner = pruner if pruner is not None else _make_pruner(config, ctx)
     verbosity = optuna.logging.get_verbosity()
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    out.mkdir(parents=True, exist_ok=True)
+    claim_run_folder(out, "tune")
     lock = WorkerLock(out)
     claim = ClaimLock(out, storage, name)
     ctx.claim = claim
@@ -502,10 +508,11 @@ def tune(base: SearchConfig | CompressConfig, config: TuneConfig | None = None, 
                 + (f"; retrying trial(s) {retried} left unfinished" if retried else ""))
         ctx.say("knobs: " + "; ".join(k.describe() for k in ctx.knobs.values()))
         deadline = time.time() + config.timeout if config.timeout else None
+        failed: list[str] = []
         if config.workers == 1:
             _work(study, ctx, claim, config.trials, deadline)
         else:
-            _run_workers(config.workers, {
+            failed = _run_workers(config.workers, {
                 "kind": kind, "job": config_to_dict(base), "tune": config_to_dict(config), "out": str(out),
                 "storage_kind": spec.kind, "storage_url": spec.url, "study_name": name, "deadline": deadline,
                 "quiet": quiet})
@@ -518,6 +525,9 @@ def tune(base: SearchConfig | CompressConfig, config: TuneConfig | None = None, 
         optuna.logging.set_verbosity(verbosity)
     if not quiet:
         print(format_tuning_run(out, top=10), flush=True)
+    if failed:
+        raise WorkerError(f"tuning worker(s) failed: {'; '.join(failed)}. The study is intact and its results so far "
+                          f"are written to {out}; fix the cause and resume (the same command with --resume)")
     return TuneResult(study=study, summary=summary, run_dir=out)
 
 

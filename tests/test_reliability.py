@@ -1,0 +1,192 @@
+"""No silent wrong results, no lost run folders, one clear line for bad input (issue: reliability sweep)."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+
+import pytest
+import torch
+
+from nas_grouping._io import RUN_FILE, atomic_write, claim_run_folder, run_job
+from nas_grouping.budget import MacBudget
+from nas_grouping.cli import main
+from nas_grouping.config import SearchConfig, TuneConfig, config_from_dict, config_to_dict
+from nas_grouping.errors import ConfigError
+
+SMALL = '{"widths": [8, 8, 16, 16, 16, 16]}'
+TINY_SEARCH = ["--space", "digits_convnet", "--space-kwargs", SMALL, "--epochs", "2", "--warmup-epochs", "1",
+               "--finetune-epochs", "0", "--progress", "false", "--measure-latency", "false"]
+
+
+@pytest.mark.parametrize("value", [1.5, "1.5", "2.5K"[:-1], 100.25])
+def test_a_budget_above_one_must_be_whole_macs(value):
+    with pytest.raises(ConfigError, match="whole number"):
+        MacBudget.parse(value)
+
+
+def test_fractional_budget_above_one_is_refused_on_the_command_line(capsys, tmp_path):
+    with pytest.raises(SystemExit):
+        main(["search", "--budget", "1.5", "--out", str(tmp_path / "r")])
+    assert "whole number" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.parametrize("values", [{"budget": "12M"}, {"budget": "0.25", "epochs": "3", "warmup_epochs": "1"},
+                                    {"dense": "true", "lr": "0.1"}])
+def test_config_files_and_dicts_parse_as_flags_do(values):
+    cfg = config_from_dict(SearchConfig, values)
+    flags = {"budget": {"12M": 12e6, "0.25": 0.25}, "epochs": {"3": 3}, "warmup_epochs": {"1": 1},
+             "dense": {"true": True}, "lr": {"0.1": 0.1}}
+    for key, text in values.items():
+        assert getattr(cfg, key) == flags[key][text]
+
+
+def test_dataclass_budget_string_is_parsed_and_wrong_types_are_named():
+    assert SearchConfig(budget="12M").budget == 12e6
+    with pytest.raises(ConfigError, match=r"SearchConfig\.epochs: expected an integer, got '3'"):
+        SearchConfig(epochs="3")
+    with pytest.raises(ConfigError, match=r"SearchConfig\.epochs: expected an integer, got 'x'"):
+        config_from_dict(SearchConfig, {"epochs": "x"})
+
+
+def test_config_file_with_string_numbers_runs_from_the_cli(tmp_path, capsys):
+    f = tmp_path / "c.json"
+    f.write_text(json.dumps({"budget": "50%"}))
+    assert main(["search", "--config", str(f), "--out", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err
+    assert "budget '50%'" in err and "Traceback" not in err
+
+
+def test_run_folders_know_their_job_and_refuse_another(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["search", *TINY_SEARCH, "--out", str(run)]) == 0
+    assert run_job(run) == "search" and json.loads((run / RUN_FILE).read_text()) == {"job": "search"}
+    summary = (run / "summary.json").read_text()
+    capsys.readouterr()
+    assert main(["compress", "--model", str(run), "--out", str(run)]) == 2
+    err = capsys.readouterr().err
+    assert "holds a search run" in err and "Traceback" not in err
+    assert main(["tune", "search", *TINY_SEARCH, "--trials", "1", "--out", str(run)]) == 2
+    assert "holds a search run" in capsys.readouterr().err
+    assert (run / "summary.json").read_text() == summary  # nothing overwritten
+
+
+def test_runs_made_before_run_json_are_recognised(tmp_path):
+    (tmp_path / "t").mkdir()
+    (tmp_path / "t" / "tune.json").write_text("{}")
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / "config.json").write_text(json.dumps({"model": "m", "grouping": {}}))
+    assert (run_job(tmp_path / "t"), run_job(tmp_path / "c"), run_job(tmp_path / "new")) == ("tune", "compress", None)
+    with pytest.raises(ConfigError, match="holds a compress run"):
+        claim_run_folder(tmp_path / "c", "search")
+
+
+def test_out_that_is_a_file_or_unwritable_is_one_clear_line(tmp_path, capsys):
+    f = tmp_path / "file"
+    f.write_text("x")
+    assert main(["search", *TINY_SEARCH, "--out", str(f)]) == 2
+    assert "is a file, not a folder" in capsys.readouterr().err
+    if os.geteuid() == 0:
+        pytest.skip("root writes to read-only folders")
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o500)
+    try:
+        assert main(["search", *TINY_SEARCH, "--out", str(ro / "run")]) == 2
+        assert "cannot write the run folder" in capsys.readouterr().err
+    finally:
+        ro.chmod(0o700)
+
+
+def test_tune_resume_needs_a_tuning_run(tmp_path, capsys):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert main(["tune", "search", *TINY_SEARCH, "--trials", "1", "--out", str(empty), "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert "holds no tuning run" in err and not (empty / "tune.json").exists()
+
+
+@pytest.mark.slow
+def test_a_moved_tuning_run_resumes_its_own_study(tmp_path):
+    from nas_grouping.tune import tune
+
+    base = config_from_dict(SearchConfig, {"space": "digits_convnet", "space_kwargs": json.loads(SMALL), "epochs": 2,
+                                          "warmup_epochs": 1, "finetune_epochs": 0, "progress": False,
+                                          "measure_latency": False, "out": str(tmp_path / "first")})
+    tune(base, TuneConfig(trials=1, knobs={"lr": {"low": 0.01, "high": 0.1, "log": True}}), quiet=True)
+    (tmp_path / "first").rename(tmp_path / "moved")
+    moved = config_from_dict(SearchConfig, {**config_to_dict(base), "out": str(tmp_path / "moved")})
+    result = tune(moved, TuneConfig(trials=2, knobs={"lr": {"low": 0.01, "high": 0.1, "log": True}}), resume=True,
+                  quiet=True)
+    assert result.study.study_name == "first"
+    assert len(result.study.trials) == 2
+    assert sorted(p.name for p in (tmp_path / "moved" / "trials").iterdir()) == ["0000", "0001"]
+
+
+def test_run_files_follow_the_umask(tmp_path):
+    old = os.umask(0o022)
+    try:
+        path = atomic_write(tmp_path / "x.json", lambda f: f.write(b"{}"))
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o644
+
+
+def test_a_killed_tuning_worker_leaves_results_and_one_clear_line(tmp_path, monkeypatch, capsys):
+    import nas_grouping.tune as tune_mod
+
+    monkeypatch.setattr(tune_mod, "_run_workers", lambda n, payload: ["nas-grouping-tune-1 was killed by signal 9"])
+    out = tmp_path / "study"
+    assert main(["tune", "search", *TINY_SEARCH, "--trials", "2", "--workers", "2", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "killed by signal 9" in err and "study is intact" in err and "Traceback" not in err
+    assert (out / "summary.json").is_file() and (out / "tune.json").is_file()
+
+
+class _Attention(torch.nn.Module):
+    """Attention written the way Swin and ViT write it: F.linear on a module's weight, matmuls, fused SDPA."""
+
+    def __init__(self, dim: int = 16, fused: bool = False) -> None:
+        super().__init__()
+        self.qkv = torch.nn.Linear(dim, 3 * dim)
+        self.proj = torch.nn.Linear(dim, dim)
+        self.fused = fused
+
+    def forward(self, x):
+        q, k, v = torch.nn.functional.linear(x, self.qkv.weight, self.qkv.bias).chunk(3, dim=-1)
+        if self.fused:
+            out = torch.nn.functional.scaled_dot_product_attention(q[:, None], k[:, None], v[:, None])[:, 0]
+        else:
+            out = (q @ k.transpose(-2, -1)).softmax(-1) @ v
+        return self.proj(out)
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_mac_counter_counts_attention_outside_modules(fused):
+    from nas_grouping.macs import FUNCTIONAL, count_macs, layer_macs
+
+    tokens, dim = 10, 16
+    expected = tokens * dim * 3 * dim + 2 * tokens * tokens * dim + tokens * dim * dim
+    model = _Attention(dim, fused)
+    assert count_macs(model, (tokens, dim)) == expected
+    assert [r.name for r in layer_macs(model, (tokens, dim))] == ["proj", FUNCTIONAL]
+
+
+def test_mac_counter_refuses_an_operation_it_cannot_cost():
+    from nas_grouping.macs import count_macs
+
+    class Outer(torch.nn.Module):
+        def forward(self, x):
+            return torch.mv(x[0].T @ x[0], x[0, 0])
+
+    with pytest.raises(ConfigError, match="aten.mv.*refusing"):
+        count_macs(Outer(), (4, 4))
+
+
+def test_channel_pruning_refuses_a_model_with_nothing_to_prune():
+    from nas_grouping.channel_pruning import ChannelPruning
+
+    with pytest.raises(ConfigError, match="no channel of this _Attention can be pruned"):
+        ChannelPruning(_Attention(), (10, 16)).prune(0.3)
