@@ -10,10 +10,26 @@ from typing import IO, Callable
 
 from .errors import ConfigError
 
-__all__ = ["atomic_write", "check_run_folder", "claim_run_folder", "run_job"]
+__all__ = ["atomic_write", "check_run_folder", "claim_run_folder", "remove_stale_temporaries", "run_job"]
 
 #: the file that says which job made a run folder
 RUN_FILE = "run.json"
+_TMP_MARK = ".tmp-"
+
+
+def remove_stale_temporaries(folder: str | os.PathLike, *, older_than_s: float = 60.0) -> list[Path]:
+    """Delete the temporary files of writes that a killed process never finished (none younger than a minute)."""
+    import time
+
+    removed = []
+    for path in Path(folder).glob(f".*{_TMP_MARK}*"):
+        try:
+            if path.is_file() and time.time() - path.stat().st_mtime > older_than_s:
+                path.unlink()
+                removed.append(path)
+        except OSError:
+            continue
+    return removed
 
 
 def _umask() -> int:
@@ -29,7 +45,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], None]) ->
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}{_TMP_MARK}")
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)
@@ -87,6 +103,7 @@ def claim_run_folder(folder: str | os.PathLike, job: str) -> Path:
     folder = check_run_folder(folder, job)
     try:
         folder.mkdir(parents=True, exist_ok=True)
+        remove_stale_temporaries(folder)
         if not (folder / RUN_FILE).is_file():
             atomic_write(folder / RUN_FILE, lambda f: f.write(json.dumps({"job": job}).encode()))
     except OSError as exc:

@@ -16,6 +16,7 @@ Two locks:
 from __future__ import annotations
 
 import fcntl
+import importlib.util
 import os
 import random
 import re
@@ -149,8 +150,13 @@ def open_storage(spec: StorageSpec, *, heartbeat: int = 60) -> Any:
     except (ImportError, sqlalchemy.exc.NoSuchModuleError) as exc:
         scheme = spec.url.split("://", 1)[0]
         driver = _DRIVERS.get(scheme.split("+", 1)[0], "its driver")
+        hint = f"pip install {driver}"
+        if scheme == "postgresql" and importlib.util.find_spec("psycopg2") is not None:
+            hint = ("SQLAlchemy reads a bare postgresql:// URL as psycopg 3, which is not installed, while psycopg2 "
+                    "is: write the URL as postgresql+psycopg2://USER:PASSWORD@HOST:PORT/DB, or pip install "
+                    "'psycopg[binary]'")
         raise MissingDependencyError(f"storage {spec.display}: the database driver for {scheme!r} is missing "
-                                     f"({exc}); pip install {driver}") from exc
+                                     f"({exc}); {hint}") from exc
     except (sqlalchemy.exc.OperationalError, sqlalchemy.exc.InterfaceError, sqlalchemy.exc.ArgumentError) as exc:
         first = str(getattr(exc, "orig", exc) or exc).strip().splitlines()[0] if str(exc).strip() else repr(exc)
         raise ConfigError(f"cannot reach the study storage {spec.display}: {first}. Check that the server runs "

@@ -14,7 +14,7 @@ import warnings
 from typing import Callable, Sequence
 
 from .config import SearchConfig, SelfGroupingConfig, add_config_arguments, config_from_args, read_config_file
-from .errors import ConfigError, NasGroupingError
+from .errors import ConfigError, NasGroupingError, is_out_of_memory
 
 __all__ = ["main", "build_parser"]
 
@@ -136,10 +136,28 @@ def _cmd_profile(args: argparse.Namespace) -> int:
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
-    from .report import print_run
-    from .tune import is_tuning_run, print_tuning_run
+    from pathlib import Path
 
-    print(print_tuning_run(args.run_dir) if is_tuning_run(args.run_dir) else print_run(args.run_dir))
+    from ._io import run_job
+    from .report import print_run, read_json
+    from .tune import print_tuning_run
+
+    run = Path(args.run_dir)
+    job = run_job(run) if run.is_dir() else None
+    if job is None:
+        raise ConfigError(f"{run} is not a run folder of nas-grouping (search, train, compress or tune --out)")
+    if job == "tune":
+        print(print_tuning_run(run))
+        return 0
+    if not (run / "summary.json").is_file():
+        raise ConfigError(f"{run} holds a {job} run that has not finished (no summary.json yet): resume it with "
+                          "--resume, then report")
+    if job == "compress":
+        from .compress import format_summary
+
+        print(f"run {run}\n{format_summary(read_json(run / 'summary.json'))}")
+    else:
+        print(print_run(run))
     return 0
 
 
@@ -287,6 +305,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     except NasGroupingError as exc:
         print(f"nas-grouping {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except (MemoryError, RuntimeError) as exc:
+        if not is_out_of_memory(exc):
+            raise
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        print(f"nas-grouping {args.command}: error: out of memory ({first}); use a smaller --batch-size, input or "
+              "model, or a machine with more memory; a run keeps its last checkpoint (resume with --resume)",
+              file=sys.stderr)
+        return 3
     except KeyboardInterrupt:
         print(f"nas-grouping {args.command}: interrupted; the last checkpoint is kept (resume with --resume)",
               file=sys.stderr)

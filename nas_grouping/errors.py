@@ -4,7 +4,7 @@ Each subclass also inherits the builtin that fits (ValueError, FileNotFoundError
 ImportError), so callers that catch builtins keep working.
 """
 
-__all__ = ["NasGroupingError", "ConfigError", "BudgetError", "DataError", "ExportError", "MissingDependencyError",
+__all__ = ["is_out_of_memory", "NasGroupingError", "ConfigError", "BudgetError", "DataError", "ExportError", "MissingDependencyError",
            "WorkerError"]
 
 
@@ -34,3 +34,10 @@ class MissingDependencyError(NasGroupingError, ImportError):
 
 class WorkerError(NasGroupingError, RuntimeError):
     """A worker process (of a tuning study) died or failed; the shared state it worked on is kept."""
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """Whether ``exc`` says the machine or the GPU ran out of memory (so that it is not reported as bad input)."""
+    text = str(exc).lower()
+    return isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError" or "out of memory" in text \
+        or "can't allocate memory" in text or "failed to allocate" in text

@@ -16,6 +16,8 @@ layers, swaps in the recorded layers, and loads the tensors.
 
 from __future__ import annotations
 
+from collections import OrderedDict
+
 import copy
 import json
 import os
@@ -27,7 +29,7 @@ from torch import nn
 
 from ._io import atomic_write
 from .convert import _set_submodule, dgconv_layers
-from .errors import ExportError
+from .errors import ExportError, is_out_of_memory
 from .ops.dgconv import DGConv2d
 from .ops.diverse_group import DiverseGroupConv2d, DiverseGroupLinear
 from .ops.group_conv import PermutedGroupConv2d, conv_config, conv_from_config
@@ -195,7 +197,9 @@ def save_model(model: nn.Module, path: str | os.PathLike, *, recipe: dict[str, A
         text = json.dumps(arch, indent=1)
     except TypeError as exc:
         raise ExportError(f"recipe and extra must be JSON-serialisable: {exc}") from exc
-    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    full = model.state_dict()
+    state = OrderedDict((k, v.detach().cpu()) for k, v in full.items())
+    state._metadata = getattr(full, "_metadata", None)  # type: ignore[attr-defined]  # versions some models need
     atomic_write(folder / "weights.pt", lambda f: torch.save(state, f))
     atomic_write(folder / "architecture.json", lambda f: f.write(text.encode()))
     return folder
@@ -245,6 +249,9 @@ def load_model(path: str | os.PathLike, *, builder: Callable[..., nn.Module] | N
     else:
         raise ExportError(f"{path}: the recipe names no search space; pass builder= to load_model")
     for name, rec in arch["layers"].items():
+        if not isinstance(rec, dict) or "type" not in rec or "config" not in rec:
+            raise ExportError(f"{path}: layer {name!r} in architecture.json has no 'type' and 'config'; the file is "
+                              "damaged or from another version")
         if rec["type"] not in _EXPORTABLE:
             raise ExportError(
                 f"{path}: layer {name!r} has type {rec['type']!r}, which is not registered; "
@@ -254,7 +261,13 @@ def load_model(path: str | os.PathLike, *, builder: Callable[..., nn.Module] | N
             model.get_submodule(name)
         except AttributeError:
             raise ExportError(f"{path}: the rebuilt base network has no layer {name!r}; wrong builder?") from None
-        replace_layer(model, name, _EXPORTABLE[rec["type"]][2](rec["config"]))
+        try:
+            layer = _EXPORTABLE[rec["type"]][2](rec["config"])
+        except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+            raise ExportError(f"{path}: layer {name!r}'s saved config {rec.get('config')!r} cannot rebuild a "
+                              f"{rec['type']} ({type(exc).__name__}: {exc}); architecture.json is damaged or from "
+                              "another version") from None
+        replace_layer(model, name, layer)
     if arch.get("widths"):  # layers of the base network narrowed by channel pruning (recorded ones are not here)
         from .channel_pruning import set_widths
 
@@ -265,10 +278,13 @@ def load_model(path: str | os.PathLike, *, builder: Callable[..., nn.Module] | N
     except FileNotFoundError:
         raise ExportError(f"{file} is missing") from None
     except Exception as exc:  # torch raises several types for corrupt files
+        if is_out_of_memory(exc):
+            raise MemoryError(f"out of memory while reading {file} ({exc}); free memory, or load with "
+                              "map_location='cpu' on a machine with more") from exc
         raise ExportError(f"{file} is not a readable weights file: {exc}") from exc
     try:
         model.load_state_dict(state)
-    except RuntimeError as exc:
+    except (RuntimeError, ValueError) as exc:
         raise ExportError(f"{file} does not fit the rebuilt architecture: {exc}") from exc
     setattr(model, RECIPE_ATTR, recipe)
     model = model.to(map_location)

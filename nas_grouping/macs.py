@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from torch.nn.modules.conv import _ConvNd
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from .errors import ConfigError
+from .errors import ConfigError, is_out_of_memory
 
 __all__ = ["FUNCTIONAL", "LayerMacs", "layer_macs", "count_macs", "count_parameters", "flop_counter_macs", "check_input_size"]
 
@@ -188,6 +188,9 @@ def layer_macs(model: nn.Module, input_size: Sequence[int]) -> list[LayerMacs]:
             except ConfigError:
                 raise
             except (RuntimeError, ValueError) as exc:
+                if is_out_of_memory(exc):
+                    raise MemoryError(f"counting MACs: out of memory in a forward pass of one sample of size "
+                                      f"{size} ({exc}); free memory or count on a machine with more") from exc
                 raise ConfigError(
                     f"counting MACs: a forward pass of one sample of size {size} failed: {exc}. "
                     "Check input_size (channels, height, width, without the batch)."

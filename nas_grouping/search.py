@@ -461,6 +461,7 @@ def search(cfg: SearchConfig, *, resume: bool = False,
         history, flips, start_epoch = ckpt["history"], ckpt["flips"], ckpt["next_epoch"]
         latency_loop = ckpt.get("latency_loop")
         torch.set_rng_state(ckpt["rng"])
+        start_time -= ckpt.get("wall_time_s", 0.0)  # the summary's wall time counts every session of the run
     if rt.is_main:
         claim_run_folder(out, "search")
         report.write_json(out / "config.json", config_to_dict(cfg))
@@ -529,7 +530,7 @@ def search(cfg: SearchConfig, *, resume: bool = False,
                 "config": config_to_dict(cfg), "model": base.state_dict(), "weight_opt": weight_opt.state_dict(),
                 "gate_opt": gate_opt.state_dict() if gate_opt is not None else None,
                 "scheduler": scheduler.state_dict(), "history": history, "flips": flips, "latency_loop": latency_loop,
-                "next_epoch": epoch + 1,
+                "next_epoch": epoch + 1, "wall_time_s": time.perf_counter() - start_time,
                 "rng": torch.get_rng_state(),
             }, out / CHECKPOINT)
             if on_epoch is not None:

@@ -190,3 +190,158 @@ def test_channel_pruning_refuses_a_model_with_nothing_to_prune():
 
     with pytest.raises(ConfigError, match="no channel of this _Attention can be pruned"):
         ChannelPruning(_Attention(), (10, 16)).prune(0.3)
+
+
+def test_report_reads_every_kind_of_run_folder_or_says_what_it_is(tmp_path, capsys):
+    assert main(["report", str(tmp_path / "nothing")]) == 2
+    assert "not a run folder" in capsys.readouterr().err
+    unfinished = tmp_path / "unfinished"
+    claim_run_folder(unfinished, "compress")
+    assert main(["report", str(unfinished)]) == 2
+    assert "has not finished" in capsys.readouterr().err
+    search_run = tmp_path / "s"
+    assert main(["search", *TINY_SEARCH, "--out", str(search_run)]) == 0
+    compressed = tmp_path / "c"
+    assert main(["compress", "--model", str(search_run), "--fraction", "0.3", "--epochs", "0", "--progress", "false",
+                 "--latency-batches", "", "--out", str(compressed)]) == 0
+    capsys.readouterr()
+    assert main(["report", str(compressed)]) == 0
+    out = capsys.readouterr()
+    assert "MACs" in out.out and "Traceback" not in out.err
+
+
+def _saved_grouped_model(folder):
+    from search_spaces import get_space
+
+    from nas_grouping.convert import dgconv_layers
+    from nas_grouping.export import export_model, save_model
+
+    model = get_space("digits_convnet", widths=[8, 8, 16, 16, 16, 16])
+    for _, layer in dgconv_layers(model):
+        layer.set_groups(2)
+    save_model(export_model(model.eval()), folder)
+    return json.loads((folder / "architecture.json").read_text())
+
+
+@pytest.mark.parametrize("damage", ["groups", "missing-key", "no-config"])
+def test_damaged_architecture_json_is_one_clear_error(tmp_path, damage):
+    from nas_grouping.errors import ExportError
+    from nas_grouping.export import load_model
+
+    arch = _saved_grouped_model(tmp_path)
+    name = next(iter(arch["layers"]))
+    if damage == "groups":
+        arch["layers"][name]["config"]["groups"] = 3
+    elif damage == "missing-key":
+        del arch["layers"][name]["config"]["in_channels"]
+    else:
+        del arch["layers"][name]["config"]
+    (tmp_path / "architecture.json").write_text(json.dumps(arch))
+    with pytest.raises(ExportError, match=f"layer '{name}'.*damaged"):
+        load_model(tmp_path)
+
+
+def test_mnasnet_saves_and_loads_with_its_state_dict_versions(tmp_path):
+    import torchvision
+
+    from nas_grouping.export import load_model, save_model
+
+    model = torchvision.models.mnasnet0_5(num_classes=10).eval()
+    save_model(model, tmp_path / "m", recipe={"kwargs": {"num_classes": 10}})
+    loaded = load_model(tmp_path / "m", builder=torchvision.models.mnasnet0_5)
+    x = torch.randn(1, 3, 64, 64)
+    assert torch.equal(loaded(x), model(x))
+
+
+def test_bare_postgresql_url_names_the_form_that_works(monkeypatch):
+    import importlib.util
+
+    from nas_grouping._tune_storage import StorageSpec, open_storage
+    from nas_grouping.errors import MissingDependencyError
+
+    if importlib.util.find_spec("psycopg") is not None or importlib.util.find_spec("psycopg2") is None:
+        pytest.skip("needs psycopg2 installed and psycopg 3 absent, as the test extra installs")
+    with pytest.raises(MissingDependencyError, match=r"postgresql\+psycopg2://"):
+        open_storage(StorageSpec("server", "postgresql://u:p@127.0.0.1:1/db"), heartbeat=60)
+
+
+def _folder_with_a_corrupt_image(root):
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from test_data import write_images
+
+    write_images(root, {"a": 4, "b": 4})
+    bad = root / "b" / "broken.jpg"
+    bad.write_bytes(b"\xff\xd8\xff not an image")
+    return bad
+
+
+def test_corrupt_image_in_an_image_folder_is_named_not_a_traceback(tmp_path, capsys):
+    from nas_grouping.data import DataConfig, load_datasets
+    from nas_grouping.errors import DataError
+
+    bad = _folder_with_a_corrupt_image(tmp_path / "imgs")
+    cfg = dict(dataset="imagefolder", data_dir=str(tmp_path / "imgs"), image_size=8, val_fraction=0.3)
+    ds = load_datasets(DataConfig(**cfg))  # lazy: found when read
+    with pytest.raises(DataError, match="broken.jpg"):
+        [ds.train[i] for i in range(len(ds.train))] + [ds.val[i] for i in range(len(ds.val))]
+    with pytest.raises(DataError, match=r"1 image file\(s\).*broken\.jpg"):
+        load_datasets(DataConfig(**cfg, check_images="check"))
+    skipped = load_datasets(DataConfig(**cfg, check_images="skip"))
+    assert len(skipped.train) + len(skipped.val) == 8
+    assert main(["train", "--space", "digits_convnet", "--dataset", "imagefolder", "--data-dir", str(tmp_path / "imgs"),
+                 "--image-size", "8", "--check-images", "check", "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert str(bad) in err and "Traceback" not in err
+
+
+def test_out_of_memory_is_one_line_not_a_bad_input_message(monkeypatch, capsys, tmp_path):
+    import nas_grouping.search as search_mod
+
+    def oom(*args, **kwargs):
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory: you "
+                           "tried to allocate 123456789 bytes")
+
+    monkeypatch.setattr(search_mod, "train_epoch", oom)
+    assert main(["search", *TINY_SEARCH, "--out", str(tmp_path / "r")]) == 3
+    err = capsys.readouterr().err
+    assert "out of memory" in err and "smaller --batch-size" in err and "Traceback" not in err
+    assert "input_size" not in err and "weights file" not in err
+
+
+def test_temporaries_of_killed_writes_are_removed_when_the_folder_is_claimed(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    stale, fresh = run / ".checkpoint.pt.tmp-abc123", run / ".summary.json.tmp-def456"
+    stale.write_bytes(b"half a checkpoint")
+    fresh.write_bytes(b"being written now")
+    os.utime(stale, (0, 0))
+    claim_run_folder(run, "search")
+    assert not stale.exists() and fresh.exists()
+
+
+def test_wall_time_of_a_resumed_run_counts_every_session(tmp_path, monkeypatch):
+    import nas_grouping.search as search_mod
+    from nas_grouping.training import load_checkpoint
+
+    cfg = config_from_dict(SearchConfig, {"space": "digits_convnet", "space_kwargs": json.loads(SMALL), "epochs": 3,
+                                          "warmup_epochs": 1, "finetune_epochs": 0, "progress": False,
+                                          "measure_latency": False, "out": str(tmp_path / "r")})
+    real, calls = search_mod.train_epoch, {"n": 0}
+
+    def stop_third(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(search_mod, "train_epoch", stop_third)
+    with pytest.raises(KeyboardInterrupt):
+        search_mod.search(cfg)
+    first = load_checkpoint(tmp_path / "r" / "checkpoint.pt")["wall_time_s"]
+    monkeypatch.setattr(search_mod, "train_epoch", real)
+    result = search_mod.search(cfg, resume=True)
+    assert first > 0 and result.summary["wall_time_s"] > first
+    assert result.history[-1]["time_s"] > first

@@ -18,6 +18,7 @@ __all__ = ["DATASETS", "DataConfig", "Datasets", "require_data_dir"]
 DATASETS: tuple[str, ...] = ("digits", "cifar10", "cifar100", "imagefolder")
 
 _NATIVE_SIZE = {"digits": 8, "cifar10": 32, "cifar100": 32}
+_CHECK_IMAGES = ("lazy", "check", "skip")
 #: validation share when none is given: CIFAR holds out 5,000 of its 50,000 training images
 _DEFAULT_VAL_FRACTION = {"digits": 0.2, "cifar10": 0.1, "cifar100": 0.1, "imagefolder": 0.2}
 
@@ -47,6 +48,9 @@ class DataConfig:
             random place in each training image; 0 (default) turns it off.
         image_size: Square side for ``imagefolder`` (default 224); the other data
             sets keep their native size (8 for digits, 32 for CIFAR).
+        check_images: ``imagefolder``: ``lazy`` (an unreadable file stops training
+            with one line naming it), ``check`` (read every image before training
+            and name the unreadable ones) or ``skip`` (leave them out, with a warning).
     """
 
     dataset: str = "digits"
@@ -60,6 +64,7 @@ class DataConfig:
     crop_padding: int = 4
     cutout: int = 0
     image_size: int | None = None
+    check_images: str = "lazy"
 
     def __post_init__(self) -> None:
         if not isinstance(self.dataset, str) or self.dataset.strip().lower() not in DATASETS:
@@ -75,6 +80,9 @@ class DataConfig:
             raise ConfigError(f"DataConfig.batch_size: expected an integer >= 1, got {self.batch_size!r}")
         if not _is_int(self.num_workers) or self.num_workers < 0:
             raise ConfigError(f"DataConfig.num_workers: expected an integer >= 0, got {self.num_workers!r}")
+        if self.check_images not in _CHECK_IMAGES:
+            raise ConfigError(f"DataConfig.check_images: expected one of {', '.join(_CHECK_IMAGES)}, got "
+                              f"{self.check_images!r}")
         if self.val_fraction is None:
             self.val_fraction = _DEFAULT_VAL_FRACTION[self.dataset]
         _check_fraction("DataConfig.val_fraction", self.val_fraction)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -15,6 +16,8 @@ from .config import DataConfig, Datasets, require_data_dir
 from .splits import split_indices
 
 __all__ = ["load_imagefolder"]
+
+logger = logging.getLogger("nas_grouping")
 
 _DEFAULT_IMAGEFOLDER_SIZE = 224
 _IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -42,7 +45,45 @@ class _TransformSubset(Subset):
         return [self[i] for i in indices]
 
 
-def _image_folder(path: Path, transform: Callable | None, role: str) -> ImageFolder:
+def _load_rgb(path: str) -> Any:
+    """PIL's RGB image at ``path``, or a DataError naming the file (not a traceback from inside the loader)."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with open(path, "rb") as fh:
+            return Image.open(fh).convert("RGB")
+    except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as exc:
+        raise DataError(f"image file '{path}' cannot be read ({exc}); remove or replace it, or load with "
+                        "--check-images skip to leave unreadable files out") from None
+
+
+def _readable(path: str) -> bool:
+    try:
+        _load_rgb(path)
+    except DataError:
+        return False
+    return True
+
+
+def _check_images(folder: ImageFolder, mode: str, role: str) -> None:
+    """``check``: fail before training on any unreadable image, naming them; ``skip``: leave them out."""
+    if mode == "lazy":
+        return
+    bad = [p for p, _ in folder.samples if not _readable(p)]
+    if not bad:
+        return
+    if mode == "check":
+        shown = ", ".join(f"'{p}'" for p in bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
+        raise DataError(f"{len(bad)} image file(s) of the {role} cannot be read: {shown}; remove or replace them, "
+                        "or pass --check-images skip to leave them out")
+    logger.warning("leaving out %d unreadable image file(s) of the %s, e.g. %s", len(bad), role, bad[0])
+    unreadable = set(bad)
+    folder.samples = [s for s in folder.samples if s[0] not in unreadable]
+    folder.imgs = folder.samples
+    folder.targets = [t for _, t in folder.samples]
+
+
+def _image_folder(path: Path, transform: Callable | None, role: str, check: str = "lazy") -> ImageFolder:
     expects = (
         "one subfolder per class holding image files (.png, .jpg, ...), e.g. "
         f"'{path / 'cat' / '0001.jpg'}'"
@@ -59,12 +100,14 @@ def _image_folder(path: Path, transform: Callable | None, role: str) -> ImageFol
             "Move the images into one subfolder per class."
         )
     try:
-        return ImageFolder(str(path), transform=transform)
+        folder = ImageFolder(str(path), transform=transform, loader=_load_rgb)
     except (FileNotFoundError, OSError, RuntimeError, ValueError) as exc:
         raise DataError(
             f"image folder '{path}' ({role}) has no usable images ({exc}); expected {expects}. "
             "Add images to every class subfolder or remove the empty ones."
         ) from exc
+    _check_images(folder, check, role)
+    return folder
 
 
 def load_imagefolder(cfg: DataConfig) -> Datasets:
@@ -87,8 +130,8 @@ def load_imagefolder(cfg: DataConfig) -> Datasets:
             f"only class subfolders, to be split by val_fraction. Add {absent}/ or rename {present}/."
         )
     if has_train and has_val:
-        train = _image_folder(root / "train", train_tf, "training split")
-        val = _image_folder(root / "val", val_tf, "validation split")
+        train = _image_folder(root / "train", train_tf, "training split", cfg.check_images)
+        val = _image_folder(root / "val", val_tf, "validation split", cfg.check_images)
         if train.classes != val.classes:
             only_train = sorted(set(train.classes) - set(val.classes))
             only_val = sorted(set(val.classes) - set(train.classes))
@@ -99,7 +142,7 @@ def load_imagefolder(cfg: DataConfig) -> Datasets:
             )
         classes = train.classes
     else:
-        base = _image_folder(root, None, "split into train/val by val_fraction")
+        base = _image_folder(root, None, "split into train/val by val_fraction", cfg.check_images)
         train_idx, val_idx = split_indices(
             len(base), cfg.val_fraction, cfg.split_seed, np.asarray(base.targets)
         )
