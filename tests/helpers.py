@@ -32,3 +32,16 @@ def halving_table(path: str | Path, space_kwargs: dict) -> Path:
     names = [n for n, _ in dgconv_layers(get_space("digits_convnet", **space_kwargs))]
     rows = [{"layer": n, "groups": 2**k, "form": "grouped", "ms": 1.0 / 2**k} for n in names for k in range(5)]
     return LatencyTable(meta={"model_ms": 1.0 + len(names), "batch": 1, "device": "test"}, rows=rows).save(path)
+
+
+def interrupt_train_epoch(monkeypatch, module, at: int) -> None:
+    """Make ``module.train_epoch`` raise KeyboardInterrupt on its ``at``-th call (a run killed mid-epoch)."""
+    real, calls = module.train_epoch, {"n": 0}
+
+    def stop(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == at:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(module, "train_epoch", stop)

@@ -22,6 +22,7 @@ from nas_grouping.data import (
     augment_batch,
     load_datasets,
 )
+from helpers import interrupt_train_epoch
 from nas_grouping.errors import DataError
 from nas_grouping.runtime import setup_runtime
 from nas_grouping.search import search
@@ -254,16 +255,9 @@ def test_training_on_the_copy_writes_the_split_and_resumes_exactly(tmp_path, mon
     lrs = [row["lr"] for row in whole.history]
     assert lrs[-1] == pytest.approx(0.0, abs=1e-9)  # onecycle ends at 0
 
-    real, calls = search_mod.train_epoch, {"n": 0}
-
-    def stop_second(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 2:
-            raise KeyboardInterrupt
-        return real(*args, **kwargs)
-
+    real = search_mod.train_epoch
     cfg = _train_config(data_dir, tmp_path / "b")
-    monkeypatch.setattr(search_mod, "train_epoch", stop_second)
+    interrupt_train_epoch(monkeypatch, search_mod, at=2)
     with pytest.raises(KeyboardInterrupt):
         search(cfg)
     monkeypatch.setattr(search_mod, "train_epoch", real)

@@ -9,6 +9,7 @@ import stat
 import pytest
 import torch
 
+from helpers import interrupt_train_epoch
 from nas_grouping._io import RUN_FILE, atomic_write, claim_run_folder, run_job
 from nas_grouping.budget import MacBudget
 from nas_grouping.cli import main
@@ -266,10 +267,6 @@ def test_bare_postgresql_url_names_the_form_that_works(monkeypatch):
 
 
 def _folder_with_a_corrupt_image(root):
-    import sys
-    from pathlib import Path
-
-    sys.path.insert(0, str(Path(__file__).parent))
     from test_data import write_images
 
     write_images(root, {"a": 4, "b": 4})
@@ -329,15 +326,8 @@ def test_wall_time_of_a_resumed_run_counts_every_session(tmp_path, monkeypatch):
     cfg = config_from_dict(SearchConfig, {"space": "digits_convnet", "space_kwargs": json.loads(SMALL), "epochs": 3,
                                           "warmup_epochs": 1, "finetune_epochs": 0, "progress": False,
                                           "measure_latency": False, "out": str(tmp_path / "r")})
-    real, calls = search_mod.train_epoch, {"n": 0}
-
-    def stop_third(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 3:
-            raise KeyboardInterrupt
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(search_mod, "train_epoch", stop_third)
+    real = search_mod.train_epoch
+    interrupt_train_epoch(monkeypatch, search_mod, at=3)
     with pytest.raises(KeyboardInterrupt):
         search_mod.search(cfg)
     first = load_checkpoint(tmp_path / "r" / "checkpoint.pt")["wall_time_s"]
