@@ -100,7 +100,7 @@ def test_torchrun_search_two_processes_writes_once_and_ranks_agree(tmp_path):
     assert proc.stdout.count("validation accuracy") == 1  # only rank 0 reports
     assert sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) == [
         "checkpoint.pt", "config.json", "history.csv", "latency_layers.csv", "latency_layers.json",
-        "latency_layers.png", "layers.csv", "model", "search.png", "summary.json"]
+        "latency_layers.png", "layers.csv", "model", "run.json", "search.png", "summary.json"]
     # resume the 2-process run in one process, with a longer fine-tuning phase refused (other settings)
     from nas_grouping.config import SearchConfig
     from nas_grouping.errors import ConfigError
