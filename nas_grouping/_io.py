@@ -1,4 +1,4 @@
-"""Atomic file writes (a temporary file in the same folder, fsync, then rename) and run folders that know their job."""
+"""Files of a run: atomic writes (temporary file, fsync, rename), run folders that know their job, config files."""
 
 from __future__ import annotations
 
@@ -6,11 +6,12 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import IO, Callable
+from typing import IO, Any, Callable
 
 from .errors import ConfigError
 
-__all__ = ["atomic_write", "check_run_folder", "claim_run_folder", "remove_stale_temporaries", "run_job"]
+__all__ = ["atomic_write", "check_run_folder", "claim_run_folder", "read_config_file", "remove_stale_temporaries",
+           "run_job"]
 
 #: the file that says which job made a run folder
 RUN_FILE = "run.json"
@@ -110,3 +111,21 @@ def claim_run_folder(folder: str | os.PathLike, job: str) -> Path:
         raise ConfigError(f"cannot write the run folder {folder} ({exc.strerror or exc}): choose a writable --out") \
             from None
     return folder
+
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """Settings from a .json or .toml file (keys are the config's field names)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path.resolve()} does not exist")
+    text = path.read_text()
+    try:
+        if path.suffix == ".toml":
+            import tomllib
+
+            return tomllib.loads(text)
+        return json.loads(text)
+    except ImportError:
+        raise ConfigError("TOML config files need Python 3.11+; use JSON") from None
+    except ValueError as exc:
+        raise ConfigError(f"{path} is not valid {path.suffix.lstrip('.') or 'JSON'}: {exc}") from exc

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar, get_type_hints
 
+from ._io import read_config_file
 from .data import DataConfig
 from .errors import ConfigError
 from .protocols import apply_protocol_defaults, merge_protocol
@@ -208,24 +209,6 @@ def check_same_settings(saved: dict[str, Any], now: dict[str, Any], *, allowed: 
         detail = "; ".join(f"{k}: run has {saved.get(k)!r}, now {now[k]!r}" for k in diffs)
         raise ConfigError(f"--resume with other settings than the run in {where}: {detail}. "
                           "Resume with the same settings, or choose another --out.")
-
-
-def read_config_file(path: str | Path) -> dict[str, Any]:
-    """Settings from a .json or .toml file (keys are the config's field names)."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file {path.resolve()} does not exist")
-    text = path.read_text()
-    try:
-        if path.suffix == ".toml":
-            import tomllib
-
-            return tomllib.loads(text)
-        return json.loads(text)
-    except ImportError:
-        raise ConfigError("TOML config files need Python 3.11+; use JSON") from None
-    except ValueError as exc:
-        raise ConfigError(f"{path} is not valid {path.suffix.lstrip('.') or 'JSON'}: {exc}") from exc
 
 
 # ------------------------------------------------------------------------ CLI

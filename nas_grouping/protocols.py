@@ -20,6 +20,7 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
+from ._io import read_config_file
 from .errors import ConfigError
 
 __all__ = ["PROTOCOLS", "apply_protocol_defaults", "get_protocol", "list_protocols", "merge_protocol"]
@@ -66,8 +67,6 @@ def get_protocol(spec: str) -> dict[str, Any]:
         return PROTOCOLS[spec]
     path = Path(spec)
     if path.suffix in (".json", ".toml"):
-        from .config import read_config_file
-
         values = read_config_file(path)
         if not isinstance(values, dict) or not all(isinstance(v, (dict, str)) for v in values.values()):
             raise ConfigError(f"protocol file {path}: expected one table per configuration class, e.g. "
