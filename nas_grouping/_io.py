@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+import time
 from pathlib import Path
 from typing import IO, Any, Callable
 
@@ -20,8 +21,6 @@ _TMP_MARK = ".tmp-"
 
 def remove_stale_temporaries(folder: str | os.PathLike, *, older_than_s: float = 60.0) -> list[Path]:
     """Delete the temporary files of writes that a killed process never finished (none younger than a minute)."""
-    import time
-
     removed = []
     for path in Path(folder).glob(f".*{_TMP_MARK}*"):
         try:

@@ -153,6 +153,9 @@ def _plain_type(hint: Any) -> tuple[Any, bool]:
     return hint, False
 
 
+_KIND = {int: "an integer", float: "a number", bool: "true or false"}
+
+
 def _coerce(owner: str, name: str, hint: Any, value: Any) -> Any:
     """A setting from a file or dict, parsed as a command-line flag would be (``"3"`` -> 3)."""
     typ, optional = _plain_type(hint)
@@ -163,22 +166,21 @@ def _coerce(owner: str, name: str, hint: Any, value: Any) -> Any:
     try:
         return _parse_bool(value) if typ is bool else typ(value)
     except (ValueError, argparse.ArgumentTypeError):
-        kind = {int: "an integer", float: "a number", bool: "true or false"}[typ]
-        raise ConfigError(f"{owner}.{name}: expected {kind}, got {value!r}") from None
+        raise ConfigError(f"{owner}.{name}: expected {_KIND[typ]}, got {value!r}") from None
 
 
 def check_field_types(cfg: Any) -> None:
     """Refuse a number or flag setting of the wrong type with its name (not a TypeError from deep inside)."""
+    hints = get_type_hints(type(cfg))
     for f in dataclasses.fields(cfg):
-        typ, optional = _plain_type(get_type_hints(type(cfg))[f.name])
+        typ, optional = _plain_type(hints[f.name])
         value = getattr(cfg, f.name)
         if typ not in (int, float, bool) or (optional and value is None):
             continue
         ok = isinstance(value, bool) if typ is bool else (
             not isinstance(value, bool) and isinstance(value, (int, float) if typ is float else int))
         if not ok:
-            kind = {int: "an integer", float: "a number", bool: "true or false"}[typ]
-            raise ConfigError(f"{type(cfg).__name__}.{f.name}: expected {kind}, got {value!r}")
+            raise ConfigError(f"{type(cfg).__name__}.{f.name}: expected {_KIND[typ]}, got {value!r}")
 
 
 def config_from_dict(cls: type[T], values: dict[str, Any]) -> T:

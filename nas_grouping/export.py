@@ -16,11 +16,10 @@ layers, swaps in the recorded layers, and loads the tensors.
 
 from __future__ import annotations
 
-from collections import OrderedDict
-
 import copy
 import json
 import os
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any, Callable
 

@@ -23,7 +23,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from .errors import ConfigError, is_out_of_memory
 
-__all__ = ["FUNCTIONAL", "LayerMacs", "layer_macs", "count_macs", "count_parameters", "flop_counter_macs", "check_input_size"]
+__all__ = ["FUNCTIONAL", "LayerMacs", "layer_macs", "count_macs", "count_parameters", "flop_counter_macs",
+           "check_input_size"]
 
 
 @dataclass(frozen=True)
@@ -128,12 +129,13 @@ class _Uncounted(TorchDispatchMode):
                          "_slow_conv2d_forward"})
 
     def __init__(self) -> None:
-        super().__init__()
-        self.depth, self.macs, self.unknown = 0, 0, set()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
         from torch.utils.flop_counter import flop_registry
 
+        super().__init__()
+        self.depth, self.macs, self.unknown = 0, 0, set()
+        self.registry = flop_registry
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
         if self.depth == 0:
@@ -141,8 +143,8 @@ class _Uncounted(TorchDispatchMode):
             own = _attention_macs(func, args, out)
             if own is not None:
                 self.macs += own
-            elif packet in flop_registry:
-                self.macs += int(flop_registry[packet](*args, **kwargs, out_val=out)) // 2
+            elif packet in self.registry:
+                self.macs += int(self.registry[packet](*args, **kwargs, out_val=out)) // 2
             elif (name := str(packet).rsplit(".", 1)[-1]) in self._COSTLY or "attention" in name:
                 self.unknown.add(str(packet))
         return out

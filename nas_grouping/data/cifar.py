@@ -323,7 +323,8 @@ def read_cifar10_jpeg(source: str | os.PathLike) -> tuple[torch.Tensor, torch.Te
     """
     path = Path(source).resolve()
     if path.is_dir():
-        stamp = tuple((str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(path.rglob("*")) if p.is_file())
+        stats = ((p, p.stat()) for p in sorted(path.rglob("*")) if p.is_file())
+        stamp = tuple((str(p), st.st_size, st.st_mtime_ns) for p, st in stats)
     else:
         st = path.stat()
         stamp = (st.st_size, st.st_mtime_ns)
