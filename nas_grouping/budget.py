@@ -20,7 +20,8 @@ from .errors import BudgetError, ConfigError
 from .macs import layer_macs
 from .ops.dgconv import DGConv2d
 
-__all__ = ["MacBudget", "ModelCost", "MultiplicativeRegularizer", "AdditiveRegularizer", "make_regularizer"]
+__all__ = ["MacBudget", "ModelCost", "MultiplicativeRegularizer", "AdditiveRegularizer", "make_regularizer",
+           "groups_at_budget"]
 
 
 @dataclass(frozen=True)
@@ -134,6 +135,67 @@ class ModelCost:
                 f"{self.fixed_macs:,} are in layers that are not searched. Raise the budget to at least "
                 f"{self.minimum_macs / self.dense_macs:.3f} of dense, or make more layers searchable."
             )
+
+
+def groups_at_budget(model: nn.Module, input_size: Sequence[int], budget: float | int,
+                     max_combinations: int = 200_000) -> dict[str, int]:
+    """Near-uniform contiguous groups per DGConv layer whose MACs come closest to ``budget`` without passing it.
+
+    The hand-set baseline at equal MACs: every layer takes G, the largest power of two whose
+    uniform model still costs more than the budget, and a subset of layers takes 2G, chosen
+    (exactly, by stage) so that the MACs land as close under the budget as the doubling steps
+    allow. Sets the groups on ``model`` and returns them. Raises BudgetError when even the
+    largest group counts do not fit.
+    """
+    cost = ModelCost(model, input_size)
+    target = MacBudget.parse(budget).resolve(cost.dense_macs)
+    cost.check_budget(target)
+    layers = [(name, layer, size) for name, layer, size in cost.layers]
+
+    def set_uniform(g: int) -> None:
+        for _, layer, _ in layers:
+            layer.set_groups(min(g, layer.max_groups))
+
+    g = 1
+    set_uniform(g)
+    while cost.current_macs() > target and any(g * 2 <= layer.max_groups for _, layer, _ in layers):
+        set_uniform(g * 2)
+        if cost.current_macs() <= target:
+            break
+        g *= 2
+    set_uniform(g)
+    # layers that can still double, grouped by the MACs doubling saves (equal layers are interchangeable)
+    classes: dict[int, list] = {}
+    for name, layer, size in layers:
+        if min(g, layer.max_groups) * 2 <= layer.max_groups:
+            classes.setdefault(layer.macs(size) // 2, []).append(layer)
+    base, need = cost.current_macs(), cost.current_macs() - target
+    savings = sorted(classes)
+    best: tuple[int, tuple[int, ...]] | None = None
+    combos = 1
+    for s in savings:
+        combos *= len(classes[s]) + 1
+    if combos <= max_combinations:
+        import itertools
+
+        for counts in itertools.product(*(range(len(classes[s]) + 1) for s in savings)):
+            saved = sum(c * s for c, s in zip(counts, savings))
+            if saved >= need and (best is None or saved < best[0]):
+                best = (saved, counts)
+    else:  # greedy: double the largest savers until the budget holds
+        counts = [0] * len(savings)
+        saved = 0
+        for i in reversed(range(len(savings))):
+            while saved < need and counts[i] < len(classes[savings[i]]):
+                counts[i] += 1
+                saved += savings[i]
+        best = (saved, tuple(counts)) if saved >= need else None
+    if best is None:
+        raise BudgetError(f"no near-uniform grouping reaches {target:,} MACs from {base:,}")
+    for s, count in zip(savings, best[1]):
+        for layer in classes[s][:count]:
+            layer.set_groups(min(g, layer.max_groups) * 2)
+    return {name: layer.learned_groups for name, layer, _ in layers}
 
 
 @dataclass(frozen=True)

@@ -68,8 +68,9 @@ class SearchConfig:
     bilevel: bool = _f(False, "DARTS-style bi-level search: gates step on a held-out part of the training data")
     gate_split: float = _f(0.5, "bi-level: share of the training data that trains the gates")
     dense: bool = _f(False, "train the dense network instead (the baseline; no gates, no budget)")
-    fixed_groups: int | None = _f(None, "train with every searchable layer held at this many contiguous groups "
-                                  "(capped per layer; the ResNeXt-style uniform baseline; no search, no budget)")
+    fixed_groups: Any = _f(None, "train with every searchable layer held at this many contiguous groups (capped "
+                           "per layer), or at per-layer groups as JSON {layer: groups} (the uniform baseline; no "
+                           "search, no budget)")
     seed: int = _f(0, "seed of weights, gates, data order and augmentation")
     device: str = _f("auto", "auto, cpu, cuda or cuda:N")
     precision: str = _f("32", "32, bf16 or 16 (16 needs a GPU)", choices=("32", "bf16", "16"))
@@ -112,8 +113,7 @@ class SearchConfig:
         for name in ("warmup_epochs", "finetune_epochs"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
-        if self.fixed_groups is not None and (self.fixed_groups < 1 or self.fixed_groups & (self.fixed_groups - 1)):
-            raise ConfigError(f"fixed_groups must be a power of two >= 1, got {self.fixed_groups}")
+        self.fixed_groups = _fixed_groups(self.fixed_groups)
         if self.warmup_epochs >= self.epochs and not self.dense and self.fixed_groups is None:
             raise ConfigError(
                 f"warmup_epochs ({self.warmup_epochs}) must be smaller than epochs ({self.epochs}), "
@@ -607,6 +607,17 @@ class TuneConfig:
             raise ConfigError(f"trial_latency_batch must be an integer >= 1, got {self.trial_latency_batch!r}")
         if self.study_name is not None and not str(self.study_name).strip():
             raise ConfigError("study_name must not be empty (leave it unset for the --out folder's name)")
+
+
+def _fixed_groups(value: Any) -> int | dict[str, int] | None:
+    """``fixed_groups`` as None, a power of two, or {layer name: power of two} (a flag's text parsed as JSON)."""
+    if isinstance(value, str):
+        value = _json_setting("fixed_groups", value)
+    values = value.values() if isinstance(value, dict) else [value]
+    if value is not None and not all(isinstance(g, int) and not isinstance(g, bool) and g >= 1 and not g & (g - 1)
+                                     for g in values):
+        raise ConfigError(f"fixed_groups must be a power of two >= 1 or {{layer: power of two}}, got {value!r}")
+    return value
 
 
 def _json_setting(name: str, text: str) -> Any:

@@ -63,9 +63,29 @@ def build_search_model(cfg: SearchConfig, num_classes: int, in_channels: int) ->
     for _, layer in dgconv_layers(model):
         with torch.no_grad():
             layer.gate_latent.copy_(layer.gate_latent.sign() * cfg.gate_init)
-        if cfg.fixed_groups is not None:
-            layer.set_groups(min(cfg.fixed_groups, layer.max_groups))
+    if cfg.fixed_groups is not None:
+        _hold_groups(model, cfg.fixed_groups)
     return model
+
+
+def _describe_groups(groups: int | dict[str, int]) -> str:
+    return str(groups) if isinstance(groups, int) else "per layer " + "/".join(map(str, sorted(set(groups.values()))))
+
+
+def _hold_groups(model: nn.Module, groups: int | dict[str, int]) -> None:
+    """Set every DGConv layer to ``groups`` contiguous groups (capped per layer), or to its entry of a per-layer map."""
+    layers = dict(dgconv_layers(model))
+    if isinstance(groups, dict):
+        unknown = sorted(set(groups) - set(layers))
+        missing = sorted(set(layers) - set(groups))
+        if unknown or missing:
+            raise ConfigError(f"fixed_groups: the map must name every searchable layer; unknown {unknown}, "
+                              f"missing {missing}")
+        for name, layer in layers.items():
+            layer.set_groups(groups[name])
+    else:
+        for layer in layers.values():
+            layer.set_groups(min(groups, layer.max_groups))
 
 
 def _dense_model(cfg: SearchConfig, num_classes: int, in_channels: int, device: torch.device) -> nn.Module:
@@ -470,7 +490,7 @@ def search(cfg: SearchConfig, *, resume: bool = False,
 
     if rt.is_main:
         tqdm.write(f"[nas-grouping] {cfg.space} on {ds.name}: dense {dense_macs:,} MACs/sample, "
-                   + ("dense training" if cfg.dense else f"fixed groups={cfg.fixed_groups}, {budget_macs:,} MACs"
+                   + ("dense training" if cfg.dense else f"fixed groups={_describe_groups(cfg.fixed_groups)}, {budget_macs:,} MACs"
                       if cfg.fixed_groups is not None else f"budget {budget.describe(dense_macs)}")
                    + f", device {rt.device}, {rt.world_size} process(es)")
     model = None

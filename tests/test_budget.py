@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import itertools
+import json
 
 import pytest
 import torch
 from torch import nn
 
 from nas_grouping import BudgetError, ConfigError, count_macs, dgconv_layers
+from nas_grouping.config import config_from_dict
 from nas_grouping.budget import AdditiveRegularizer, MacBudget, ModelCost, MultiplicativeRegularizer, make_regularizer
 from nas_grouping.runtime import setup_runtime
 from nas_grouping.search import project_to_budget
@@ -122,3 +124,34 @@ def test_projection_meets_the_budget_and_removes_the_cheapest_gates(fraction):
     # gates turned back on fit the budget and are estimated to lower the loss
     ons = flips[last_off + 1:]
     assert all(f["action"] == "on" and f["estimated_loss_change"] < 0 and f["MACs"] <= budget for f in ons)
+
+
+@pytest.mark.parametrize("fraction", [0.5, 0.25, 0.125])
+def test_groups_at_budget_is_near_uniform_and_within_a_point_of_the_budget(fraction):
+    from nas_grouping.budget import groups_at_budget
+    from search_spaces import get_space
+
+    model = get_space("resnet20", num_classes=10, in_channels=3)
+    groups = groups_at_budget(model, (3, 32, 32), fraction)
+    cost = ModelCost(model, (3, 32, 32))
+    share = cost.current_macs() / cost.dense_macs
+    assert fraction - 0.01 <= share <= fraction
+    low = min(groups.values())
+    assert set(groups.values()) <= {low, 2 * low}
+    with pytest.raises(BudgetError):
+        groups_at_budget(get_space("resnet20", num_classes=10, in_channels=3), (3, 32, 32), 0.01)
+
+
+def test_fixed_groups_take_a_per_layer_map_from_every_source():
+    from nas_grouping.config import SearchConfig
+    from nas_grouping.search import build_search_model
+
+    names = [f"layer{s}.{b}.conv{c}" for s in (1, 2, 3) for b in range(3) for c in (1, 2)]
+    cfg = config_from_dict(SearchConfig, {"fixed_groups": json.dumps({n: 2 for n in names})})
+    model = build_search_model(cfg, 10, 3)
+    assert {layer.learned_groups for _, layer in dgconv_layers(model)} == {2}
+    assert SearchConfig(fixed_groups="4").fixed_groups == 4
+    with pytest.raises(ConfigError, match="power of two"):
+        SearchConfig(fixed_groups={"layer1.0.conv1": 3})
+    with pytest.raises(ConfigError, match="missing"):
+        build_search_model(SearchConfig(fixed_groups={"layer1.0.conv1": 2}), 10, 3)

@@ -2,8 +2,8 @@
 
 For one network and data set and a list of MAC budgets (fractions of the dense
 model), every method is trained with the same epochs and schedule over N seeds:
-dense; uniform group convs at the smallest power-of-two G that fits each budget
-(the ResNeXt-style baseline); our DGConv search at each budget; the self-grouping
+dense; uniform group convs at each budget (every layer at G or 2G contiguous groups,
+landing just under the budget: the ResNeXt-style baseline at equal MACs); our DGConv search at each budget; the self-grouping
 pass on the trained dense model at each budget, fine-tuned; and the pipeline
 (search at twice the budget, then self-grouping down to it) on one budget.
 
@@ -85,27 +85,20 @@ class QualityConfig:
 
 
 def uniform_groups_for_budget(space: str, space_kwargs: dict, fraction: float, num_classes: int,
-                              input_size: tuple[int, ...]) -> tuple[int, int] | None:
-    """The smallest power-of-two G (capped per layer) whose uniform model fits ``fraction`` of the dense
-    MACs, with its MACs; None when even the largest G does not fit."""
+                              input_size: tuple[int, ...]) -> tuple[dict[str, int], int] | None:
+    """Near-uniform contiguous groups per layer landing just under ``fraction`` of the dense MACs (see
+    ``groups_at_budget``), with their MACs; None when even the largest groups do not fit."""
     from search_spaces import get_space
 
-    from ..budget import ModelCost
-    from ..convert import dgconv_layers
+    from ..budget import ModelCost, groups_at_budget
+    from ..errors import BudgetError
 
     model = get_space(space, num_classes=num_classes, in_channels=input_size[0], **space_kwargs)
-    cost = ModelCost(model, input_size)
-    budget = fraction * cost.dense_macs
-    layers = dgconv_layers(model)
-    g = 1
-    while True:
-        for _, layer in layers:
-            layer.set_groups(min(g, layer.max_groups))
-        if cost.current_macs() <= budget:
-            return g, cost.current_macs()
-        if all(g >= layer.max_groups for _, layer in layers):
-            return None
-        g *= 2
+    try:
+        groups = groups_at_budget(model, input_size, fraction)
+    except BudgetError:
+        return None
+    return groups, ModelCost(model, input_size).current_macs()
 
 
 def _latency_ms(model: torch.nn.Module, input_size: tuple[int, ...]) -> float:
@@ -134,7 +127,7 @@ class _Bench:
         else:
             e = self.cfg.epochs
             base.update(epochs=e - max(1, e // 3), warmup_epochs=max(1, e // 5), finetune_epochs=max(1, e // 3))
-        if kw.get("dense") or kw.get("fixed_groups"):
+        if (kw.get("dense") or kw.get("fixed_groups")) and not self.cfg.protocol:
             base.update(epochs=e, warmup_epochs=0, finetune_epochs=0)
         base.update(kw)
         return config_from_dict(SearchConfig, base)
@@ -172,7 +165,7 @@ class _Bench:
             found = uniform_groups_for_budget(self.cfg.space, self.cfg.space_kwargs, budget, self.ds.num_classes,
                                               self.size)
             if found is None:
-                row.update(status="infeasible: even the largest uniform G exceeds the budget")
+                row.update(status="infeasible: even the largest groups exceed the budget")
                 write_json(path, row)
                 return row
             r = self.run_search(key, seed, fixed_groups=found[0])
