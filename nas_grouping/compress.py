@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 from ._io import check_run_folder, claim_run_folder
 from .budget import MacBudget
 from .channel_pruning import ChannelPruning
-from .config import CompressConfig, SelfGroupingConfig, check_same_settings, config_to_dict
+from .config import CompressConfig, SelfGroupingConfig, check_same_settings, config_to_dict, with_defaults
 from .data import load_datasets
 from .errors import ConfigError, ExportError
 from ._self_grouping_latency import profile_self_grouping
@@ -243,6 +243,7 @@ def _check_resume(out: Path, cfg: CompressConfig) -> None:
     saved = read_json(out / "config.json") if (out / "config.json").is_file() else None
     if saved is None:
         return
+    saved = with_defaults(CompressConfig, saved)
     now = config_to_dict(cfg)
     for values in (saved, now):
         if isinstance(values.get("grouping"), dict):

@@ -203,9 +203,23 @@ def config_from_dict(cls: type[T], values: dict[str, Any]) -> T:
     return cls(**kwargs)
 
 
+def with_defaults(kind: type, saved: dict[str, Any]) -> dict[str, Any]:
+    """A saved config with the settings it does not name (added in a later version) at their defaults."""
+    try:
+        return config_to_dict(config_from_dict(kind, saved))
+    except ConfigError:
+        return saved
+
+
 def check_same_settings(saved: dict[str, Any], now: dict[str, Any], *, allowed: frozenset[str] | set[str],
-                        where: str | Path) -> None:
-    """Refuse to resume a run with other settings than it was made with (``allowed`` may differ)."""
+                        where: str | Path, kind: type | None = None) -> None:
+    """Refuse to resume a run with other settings than it was made with (``allowed`` may differ).
+
+    A setting the saved run does not name (one added in a later version) counts as its
+    default (``kind``: the config class that fills it), so runs made before it still resume.
+    """
+    if kind is not None:
+        saved = with_defaults(kind, saved)
     diffs = [k for k in now if k not in allowed and saved.get(k) != now[k]]
     if diffs:
         detail = "; ".join(f"{k}: run has {saved.get(k)!r}, now {now[k]!r}" for k in diffs)

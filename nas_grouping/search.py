@@ -385,7 +385,7 @@ def _set_gate_training(model: nn.Module, on: bool) -> None:
 
 
 def _check_resume(saved: dict[str, Any], cfg: SearchConfig) -> None:
-    check_same_settings(saved, config_to_dict(cfg), allowed=RESUMABLE_CHANGES, where=cfg.out)
+    check_same_settings(saved, config_to_dict(cfg), allowed=RESUMABLE_CHANGES, where=cfg.out, kind=SearchConfig)
 
 
 class _Cycle:

@@ -335,3 +335,17 @@ def test_wall_time_of_a_resumed_run_counts_every_session(tmp_path, monkeypatch):
     result = search_mod.search(cfg, resume=True)
     assert first > 0 and result.summary["wall_time_s"] > first
     assert result.history[-1]["time_s"] > first
+
+
+def test_a_run_saved_before_a_setting_existed_still_resumes():
+    from nas_grouping.config import SearchConfig, check_same_settings, config_to_dict
+
+    now = config_to_dict(SearchConfig())
+    old = config_to_dict(SearchConfig())
+    del old["data"]["check_images"], old["label_smoothing"]
+    check_same_settings(old, now, allowed=set(), where="run", kind=SearchConfig)
+    with pytest.raises(ConfigError, match="other settings"):
+        check_same_settings(old, now, allowed=set(), where="run")
+    old["lr"] = 0.5
+    with pytest.raises(ConfigError, match="lr: run has 0.5"):
+        check_same_settings(old, now, allowed=set(), where="run", kind=SearchConfig)
