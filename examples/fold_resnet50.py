@@ -14,7 +14,7 @@ import argparse
 import torch
 
 from nas_grouping import dgconv_layers, export_model
-from nas_grouping.fold import count_gathers
+from nas_grouping.graph.fold import count_gathers
 from search_spaces import get_space
 
 

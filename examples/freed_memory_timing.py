@@ -15,7 +15,7 @@ import subprocess
 import sys
 
 CHILD = """
-from nas_grouping.latency import keep_freed_memory, measure_ms
+from nas_grouping.latency.measure import keep_freed_memory, measure_ms
 from search_spaces import get_space
 kept = keep_freed_memory()
 model = get_space("resnet56", num_classes=10, dense=True).eval()

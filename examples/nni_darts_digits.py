@@ -11,12 +11,12 @@ What it does:
    decay on gates) with our MAC-budget regularizer in the loss, bi-level on two
    halves of the training split, and projects the result onto the budget;
 3. the result is exported to real group convolutions (``export_nni_model``);
-4. the self-grouping pass (SG-CNN, ``nas_grouping.self_grouping``) prunes the
+4. the self-grouping pass (SG-CNN, ``nas_grouping.self_grouping.grouping``) prunes the
    exported model further into diverse group convolutions and fine-tunes it;
 5. prints MACs, accuracy and the learned groups; ``--out`` saves both models
    (``save_model``: ``exported/`` and ``self_grouped/``).
 
-``--compare-plain`` runs ``nas_grouping.search.search`` (our plain PyTorch loop)
+``--compare-plain`` runs ``nas_grouping.search.loop.search`` (our plain PyTorch loop)
 on the same space, data, epochs, learning rates and budget, bi-level like DARTS,
 and prints both wall times, measured in this one process.
 """
@@ -50,7 +50,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    help="self-grouping: pruned share of each layer's connections (0 skips the pass)")
     p.add_argument("--sg-epochs", type=int, default=2, help="self-grouping: fine-tuning epochs")
     p.add_argument("--out", default=None, help="folder to save the models in (save_model)")
-    p.add_argument("--compare-plain", action="store_true", help="also time nas_grouping.search.search")
+    p.add_argument("--compare-plain", action="store_true", help="also time nas_grouping.search.loop.search")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     return p.parse_args(argv)
 
@@ -62,7 +62,7 @@ def run_plain(args: argparse.Namespace, widths: list[int], out: str) -> dict[str
     ``nni_search`` uses too.
     """
     from nas_grouping.config import SearchConfig
-    from nas_grouping.search import search
+    from nas_grouping.search.loop import search
 
     cfg = SearchConfig(
         space="digits_convnet", space_kwargs={"widths": widths}, data=DataConfig(batch_size=args.batch_size),
@@ -78,7 +78,7 @@ def run_plain(args: argparse.Namespace, widths: list[int], out: str) -> dict[str
 def run_self_grouping(args: argparse.Namespace, model: torch.nn.Module, data: Any) -> dict[str, Any]:
     """SG-CNN on the exported model: cluster each layer's filters, prune per cluster, fine-tune."""
     from nas_grouping.config import SelfGroupingConfig
-    from nas_grouping.self_grouping import SelfGrouping
+    from nas_grouping.self_grouping.grouping import SelfGrouping
 
     start = time.perf_counter()
     sg = SelfGrouping(SelfGroupingConfig(fraction=args.sg_fraction, epochs=args.sg_epochs, seed=args.seed,
@@ -140,7 +140,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         with tempfile.TemporaryDirectory() as tmp:
             plain = run_plain(args, widths, f"{tmp}/run")
         report["plain"] = plain
-        print(f"plain loop (nas_grouping.search.search): {args.epochs} epoch(s) in {plain['wall_time_s']:.1f} s, "
+        print(f"plain loop (nas_grouping.search.loop.search): {args.epochs} epoch(s) in {plain['wall_time_s']:.1f} s, "
               f"accuracy {plain['val_acc']:.4f}, MACs {plain['macs']:,}")
         print(f"NNI / plain wall time: {nni_time / plain['wall_time_s']:.2f}x")
     return report

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from nas_grouping.bench.timing import machine_info, median_ms
+from nas_grouping.latency.timer import machine_info, median_ms
 
 #: (in channels, out channels, kernel, input height/width) of ResNet-50 layers
 SHAPES = [(1024, 256, 1, 14), (256, 1024, 1, 14), (256, 256, 3, 14), (512, 2048, 1, 7)]

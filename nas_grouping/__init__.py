@@ -5,18 +5,18 @@ of groups is learned; the self-grouping pass (SG-CNN, 2020) compresses any
 trained model into diverse group convolutions. MACs are multiply-accumulates.
 """
 
-from .channel_pruning import ChannelPruning, prune_channels
-from .convert import arch_parameters, conversion_plan, convert_to_dgconv, dgconv_layers, weight_parameters
-from .errors import BudgetError, ConfigError, DataError, ExportError, MissingDependencyError, NasGroupingError
-from .export import export_model, load_model, save_model
-from .macs import count_macs, count_parameters, layer_macs
-from .ops import DGConv2d, PermutedGroupConv2d
-from .self_grouping import SelfGrouping, self_group
+from nas_grouping.channels.pruning import ChannelPruning, prune_channels
+from nas_grouping.convert import arch_parameters, conversion_plan, convert_to_dgconv, dgconv_layers, weight_parameters
+from nas_grouping.errors import BudgetError, ConfigError, DataError, ExportError, MissingDependencyError, NasGroupingError
+from nas_grouping.export.model import export_model, load_model, save_model
+from nas_grouping.macs import count_macs, count_parameters, layer_macs
+from nas_grouping.ops import DGConv2d, PermutedGroupConv2d
+from nas_grouping.self_grouping.grouping import SelfGrouping, self_group
 
 __version__ = "0.1.0"
 
 # Loaded on first use: config imports the data loaders (torchvision), tune imports Optuna. The job
-# functions stay in their modules (nas_grouping.search.search, .compress.compress, .tune.tune): a
+# functions stay in their modules (nas_grouping.search.loop.search, .compress.compress, .tune.tune): a
 # package attribute of the same name as a submodule is replaced when the submodule is imported.
 _LAZY = {"SearchConfig": "config", "SelfGroupingConfig": "config", "CompressConfig": "config",
          "TuneConfig": "config", "TuneResult": "tune"}

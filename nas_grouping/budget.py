@@ -15,10 +15,10 @@ from typing import Sequence
 import torch
 from torch import Tensor, nn
 
-from .convert import dgconv_layers
-from .errors import BudgetError, ConfigError
-from .macs import layer_macs
-from .ops.dgconv import DGConv2d
+from nas_grouping.convert import dgconv_layers
+from nas_grouping.errors import BudgetError, ConfigError
+from nas_grouping.macs import layer_macs
+from nas_grouping.ops.dgconv import DGConv2d
 
 __all__ = ["MacBudget", "ModelCost", "MultiplicativeRegularizer", "AdditiveRegularizer", "make_regularizer",
            "groups_at_budget"]

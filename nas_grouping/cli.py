@@ -13,18 +13,18 @@ import sys
 import warnings
 from typing import Callable, Sequence
 
-from .config import SearchConfig, SelfGroupingConfig, add_config_arguments, config_from_args, read_config_file
-from .errors import ConfigError, NasGroupingError, is_out_of_memory
+from nas_grouping.config import SearchConfig, SelfGroupingConfig, add_config_arguments, config_from_args, read_config_file
+from nas_grouping.errors import ConfigError, NasGroupingError, is_out_of_memory
 
 __all__ = ["main", "build_parser"]
 
 
 def _cmd_search(args: argparse.Namespace) -> int:
-    from .search import search
+    from nas_grouping.search.loop import search
 
     base = read_config_file(args.config) if args.config else None
     if args.resume and base is None and not args.config:
-        from .report import read_json
+        from nas_grouping.report import read_json
         from pathlib import Path
 
         out = getattr(args, "out", SearchConfig.out)
@@ -39,9 +39,9 @@ def _cmd_search(args: argparse.Namespace) -> int:
 def _cmd_compress(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from .compress import compress
-    from .config import CompressConfig
-    from .report import read_json
+    from nas_grouping.pipeline.compress import compress
+    from nas_grouping.config import CompressConfig
+    from nas_grouping.report import read_json
 
     base = read_config_file(args.config) if args.config else None
     if args.resume and base is None:
@@ -60,7 +60,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 def _cmd_spaces(args: argparse.Namespace) -> int:
     from search_spaces import default_input_size, get_space, get_space_builder, list_spaces
 
-    from .macs import count_macs
+    from nas_grouping.macs import count_macs
 
     for name in list_spaces():
         doc = (get_space_builder(name).__doc__ or "").strip().splitlines()
@@ -76,8 +76,8 @@ def _cmd_tune(args: argparse.Namespace) -> int:
     import dataclasses
     from pathlib import Path
 
-    from .config import CompressConfig, TuneConfig
-    from .tune import is_tuning_run, load_tuning_config, tune
+    from nas_grouping.config import CompressConfig, TuneConfig
+    from nas_grouping.tune.study import is_tuning_run, load_tuning_config, tune
 
     cls = SearchConfig if args.tune_kind == "search" else CompressConfig
     tune_fields = {f.name for f in dataclasses.fields(TuneConfig)}
@@ -101,7 +101,7 @@ def _cmd_profile(args: argparse.Namespace) -> int:
 
     kwargs = json.loads(args.space_kwargs) if args.space_kwargs else {}
     if args.model:
-        from .export import load_model
+        from nas_grouping.export.model import load_model
 
         model, name = load_model(args.model), args.model
         if args.input_size is None:
@@ -110,8 +110,8 @@ def _cmd_profile(args: argparse.Namespace) -> int:
         model, name = get_space(args.space, dense=args.pass_ == "self-grouping", **kwargs), args.space
     size = tuple(args.input_size) if args.input_size else default_input_size(args.space)
     if args.pass_ == "self-grouping":
-        from ._self_grouping_latency import DEFAULT_FRACTIONS, profile_self_grouping
-        from .config import SelfGroupingConfig
+        from nas_grouping.self_grouping.latency import DEFAULT_FRACTIONS, profile_self_grouping
+        from nas_grouping.config import SelfGroupingConfig
 
         grouping = SelfGroupingConfig(clusters=args.clusters, cluster_sizes=args.cluster_sizes,
                                       threshold=args.threshold, exclude=args.exclude or [])
@@ -123,7 +123,7 @@ def _cmd_profile(args: argparse.Namespace) -> int:
         table = profile_self_grouping(model, size, grouping, batch=args.batch, fractions=fractions,
                                       repeats=args.repeats)
     else:
-        from .latency import profile_layers
+        from nas_grouping.latency.measure import profile_layers
 
         table = profile_layers(model, size, batch=args.batch, repeats=args.repeats)
     path = table.save(args.out)
@@ -138,9 +138,9 @@ def _cmd_profile(args: argparse.Namespace) -> int:
 def _cmd_report(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from ._io import run_job
-    from .report import print_run, read_json
-    from .tune import print_tuning_run
+    from nas_grouping.files import run_job
+    from nas_grouping.report import print_run, read_json
+    from nas_grouping.tune.study import print_tuning_run
 
     run = Path(args.run_dir)
     job = run_job(run) if run.is_dir() else None
@@ -153,7 +153,7 @@ def _cmd_report(args: argparse.Namespace) -> int:
         raise ConfigError(f"{run} holds a {job} run that has not finished (no summary.json yet): resume it with "
                           "--resume, then report")
     if job == "compress":
-        from .compress import format_summary
+        from nas_grouping.pipeline.compress import format_summary
 
         print(f"run {run}\n{format_summary(read_json(run / 'summary.json'))}")
     else:
@@ -162,7 +162,7 @@ def _cmd_report(args: argparse.Namespace) -> int:
 
 
 def _cmd_quality(args: argparse.Namespace) -> int:
-    from .bench.quality import QualityConfig, run_quality
+    from nas_grouping.bench.quality import QualityConfig, run_quality
 
     table = run_quality(config_from_args(QualityConfig, args))
     print(table.to_string(index=False))
@@ -170,21 +170,21 @@ def _cmd_quality(args: argparse.Namespace) -> int:
 
 
 def _cmd_speed(args: argparse.Namespace) -> int:
-    from .bench.speed import SpeedConfig, format_speed, run_speed
+    from nas_grouping.bench.speed import SpeedConfig, format_speed, run_speed
 
     print(format_speed(run_speed(config_from_args(SpeedConfig, args))))
     return 0
 
 
 def _cmd_data_bench(args: argparse.Namespace) -> int:
-    from .bench.data import DataBenchConfig, bench_data, format_data_bench
+    from nas_grouping.bench.data import DataBenchConfig, bench_data, format_data_bench
 
     print(format_data_bench(bench_data(config_from_args(DataBenchConfig, args))))
     return 0
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
-    from . import bench
+    from nas_grouping import bench
 
     return bench.run(args.what, args)
 
@@ -208,7 +208,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     job("search", _cmd_search, "search the groups of every DGConv layer under a MAC budget, then export")
     job("train", _cmd_train, "train the dense network of a space with the search's schedule (the baseline)")
-    from .config import CompressConfig
+    from nas_grouping.config import CompressConfig
 
     job("compress", _cmd_compress, "self-group a saved model (SG-CNN) to a fraction or MAC budget, fine-tune, and "
         "export diverse group layers (after a search: --model RUN_FOLDER)", CompressConfig)
@@ -217,7 +217,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--macs", action="store_true", help="also count each space's dense MACs")
     p.set_defaults(func=_cmd_spaces)
 
-    from .config import CompressConfig, TuneConfig
+    from nas_grouping.config import CompressConfig, TuneConfig
 
     tune_help = ("tune a job's knobs with Optuna under its hard MAC budget (trials, objective, knobs, storage, "
                  "workers); the study, trials, tables and plots go to --out")
@@ -271,19 +271,19 @@ def build_parser() -> argparse.ArgumentParser:
         q.add_argument("--quick", action="store_true", help="fewer repetitions (a smoke run)")
         q.add_argument("--out", default=None, help="also write the rows as CSV here")
         q.set_defaults(func=_cmd_bench)
-    from .bench.quality import QualityConfig
+    from nas_grouping.bench.quality import QualityConfig
 
     q = bench.add_parser("quality", help="accuracy at equal MAC budgets over seeds: dense, uniform groups, "
                          "search, self-grouping, pipeline", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add_config_arguments(q, QualityConfig)
     q.set_defaults(func=_cmd_quality)
-    from .bench.data import DataBenchConfig
+    from nas_grouping.bench.data import DataBenchConfig
 
     q = bench.add_parser("data", help="CIFAR-10: an epoch through the in-memory data path vs the model's own step "
                          "time, and the per-sample torchvision path", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add_config_arguments(q, DataBenchConfig)
     q.set_defaults(func=_cmd_data_bench)
-    from .bench.speed import SpeedConfig
+    from nas_grouping.bench.speed import SpeedConfig
 
     q = bench.add_parser("speed", help="latency at equal MAC budgets: our MAC-budget and latency-budget exports vs "
                          "Torch-Pruning, against dense in its fastest layout (make bench-speed)",
@@ -297,7 +297,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     warnings.filterwarnings("ignore", message=".*is found to be not a nn.Module.*")
     parser = build_parser()
     args = parser.parse_args(argv)
-    from .bench.timing import keep_freed_memory
+    from nas_grouping.latency.timer import keep_freed_memory
 
     keep_freed_memory()  # steady CPU timings (see its doc)
     try:

@@ -16,10 +16,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar, get_type_hints
 
-from ._io import read_config_file
-from .data import DataConfig
-from .errors import ConfigError
-from .protocols import apply_protocol_defaults, merge_protocol
+from nas_grouping.files import read_config_file
+from nas_grouping.data import DataConfig
+from nas_grouping.errors import ConfigError
+from nas_grouping.protocols import apply_protocol_defaults, merge_protocol
 
 __all__ = ["SearchConfig", "SelfGroupingConfig", "CompressConfig", "TuneConfig", "config_to_dict", "config_from_dict",
            "read_config_file", "check_same_settings", "add_config_arguments", "config_from_args"]
@@ -95,7 +95,7 @@ class SearchConfig:
         if isinstance(self.data, dict):
             self.data = config_from_dict(DataConfig, self.data)
         apply_protocol_defaults(self)
-        from .budget import MacBudget
+        from nas_grouping.budget import MacBudget
 
         b = MacBudget.parse(self.budget)
         self.budget = b.fraction if b.fraction is not None else float(b.macs)
@@ -243,7 +243,7 @@ def _parse_bool(text: str) -> bool:
 
 
 def _parse_budget(text: str) -> float:
-    from .budget import MacBudget
+    from nas_grouping.budget import MacBudget
 
     try:
         b = MacBudget.parse(text)
@@ -379,7 +379,7 @@ class SelfGroupingConfig:
     progress: bool = _f(True, "show progress bars")
 
     def __post_init__(self) -> None:
-        from ._self_grouping_spec import parse_clusters, parse_fraction, parse_patterns
+        from nas_grouping.specs import parse_clusters, parse_fraction, parse_patterns
 
         self.clusters = parse_clusters(self.clusters)
         self.fraction = parse_fraction(self.fraction)
@@ -388,14 +388,14 @@ class SelfGroupingConfig:
         if not 0 <= self.label_smoothing < 1:
             raise ConfigError(f"label_smoothing must be in [0, 1), got {self.label_smoothing!r}")
         if self.budget is not None:
-            from .budget import MacBudget
+            from nas_grouping.budget import MacBudget
 
             b = MacBudget.parse(self.budget)
             self.budget = b.fraction if b.fraction is not None else float(b.macs)
             if self.fraction is not None:
                 raise ConfigError(f"give either fraction ({self.fraction}) or budget ({self.budget}), not both")
         if self.latency_budget is not None:
-            from .latency import parse_latency_budget
+            from nas_grouping.latency.measure import parse_latency_budget
 
             parse_latency_budget(self.latency_budget, 1.0)  # checks the form; resolved against the measured model
             if isinstance(self.fraction, dict):
@@ -606,7 +606,7 @@ class TuneConfig:
             raise ConfigError(f"pruner {self.pruner!r} needs objective=accuracy: Optuna cannot prune multi-objective "
                               f"trials; use --pruner none (or auto) with --objective {self.objective}")
         if self.trial_latency_budget is not None:
-            from .latency import parse_latency_budget
+            from nas_grouping.latency.measure import parse_latency_budget
 
             spec = self.trial_latency_budget
             if isinstance(spec, bool) or not isinstance(spec, (str, int, float)):

@@ -15,7 +15,7 @@ from typing import Sequence
 
 from torch import nn
 
-from .ops.dgconv import DGConv2d, shared_power_of_two
+from nas_grouping.ops.dgconv import DGConv2d, shared_power_of_two
 
 __all__ = [
     "ConversionStep", "conversion_plan", "convert_to_dgconv", "dgconv_layers",

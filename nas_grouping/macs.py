@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from torch.nn.modules.conv import _ConvNd
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from .errors import ConfigError, is_out_of_memory
+from nas_grouping.errors import ConfigError, is_out_of_memory
 
 __all__ = ["FUNCTIONAL", "LayerMacs", "layer_macs", "count_macs", "count_parameters", "flop_counter_macs",
            "check_input_size"]

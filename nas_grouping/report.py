@@ -9,9 +9,9 @@ from typing import Any, Sequence
 import pandas as pd
 from torch import nn
 
-from ._io import atomic_write
-from .errors import ConfigError
-from .macs import layer_macs
+from nas_grouping.files import atomic_write
+from nas_grouping.errors import ConfigError
+from nas_grouping.macs import layer_macs
 
 __all__ = ["write_json", "read_json", "layer_table", "write_search_report", "format_summary", "print_run"]
 
@@ -149,7 +149,7 @@ def print_run(run_dir: str | Path) -> str:
 
 def _slowest_layers(df: pd.DataFrame, top: int = 5) -> str:
     """The ``top`` layers with the largest exported time at the smallest measured batch (batch 1 by default)."""
-    from .layer_latency import REST, WHOLE
+    from nas_grouping.latency.layers import REST, WHOLE
 
     batches = sorted(int(c.rsplit("_b", 1)[1]) for c in df.columns if c.startswith("exported_ms_b"))
     if not batches or "layer" not in df:

@@ -20,7 +20,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data import Dataset, DistributedSampler
 
-from .errors import ConfigError
+from nas_grouping.errors import ConfigError
 
 __all__ = ["Runtime", "resolve_device", "setup_runtime"]
 

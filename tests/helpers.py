@@ -26,7 +26,7 @@ def halving_table(path: str | Path, space_kwargs: dict) -> Path:
     """A fake search latency table of ``digits_convnet`` where every layer's time halves with each group
     doubling (on this CPU it does not for 8-16 channels), saved at ``path``; returns the path."""
     from nas_grouping import dgconv_layers
-    from nas_grouping.latency import LatencyTable
+    from nas_grouping.latency.measure import LatencyTable
     from search_spaces import get_space
 
     names = [n for n, _ in dgconv_layers(get_space("digits_convnet", **space_kwargs))]

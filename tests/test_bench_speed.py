@@ -11,7 +11,7 @@ from nas_grouping import ConfigError
 from nas_grouping.bench.speed import (
     SpeedConfig, _export_fastest, _grad_batches, _project, _with_latency_budget, run_speed,
 )
-from nas_grouping.latency import LatencyCost, MeasuredLatency, profile_layers
+from nas_grouping.latency.measure import LatencyCost, MeasuredLatency, profile_layers
 from nas_grouping.macs import count_macs
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -81,7 +81,7 @@ def test_hybrid_prunes_channels_to_a_measured_budget_and_keeps_grouping_when_it_
     from search_spaces import get_space
 
     from nas_grouping.bench.speed import _all_on, _hybrid
-    from nas_grouping.channel_pruning import ChannelPruning
+    from nas_grouping.channels.pruning import ChannelPruning
     from nas_grouping.convert import convert_to_dgconv
 
     torch.manual_seed(0)

@@ -13,7 +13,7 @@ from nas_grouping import BudgetError, ConfigError, count_macs, dgconv_layers
 from nas_grouping.config import config_from_dict
 from nas_grouping.budget import AdditiveRegularizer, MacBudget, ModelCost, MultiplicativeRegularizer, make_regularizer
 from nas_grouping.runtime import setup_runtime
-from nas_grouping.search import project_to_budget
+from nas_grouping.search.loop import project_to_budget
 from search_spaces import get_space
 
 SMALL = {"widths": [8, 8, 16, 16, 16, 16]}
@@ -144,7 +144,7 @@ def test_groups_at_budget_is_near_uniform_and_within_a_point_of_the_budget(fract
 
 def test_fixed_groups_take_a_per_layer_map_from_every_source():
     from nas_grouping.config import SearchConfig
-    from nas_grouping.search import build_search_model
+    from nas_grouping.search.loop import build_search_model
 
     names = [f"layer{s}.{b}.conv{c}" for s in (1, 2, 3) for b in range(3) for c in (1, 2)]
     cfg = config_from_dict(SearchConfig, {"fixed_groups": json.dumps({n: 2 for n in names})})

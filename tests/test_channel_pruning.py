@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from nas_grouping.channel_pruning import ChannelPruning, prune_channels
+from nas_grouping.channels.pruning import ChannelPruning, prune_channels
 from nas_grouping.errors import BudgetError, ConfigError
 from nas_grouping.macs import count_macs
 
@@ -591,7 +591,7 @@ def test_an_exported_search_result_pruned_afterwards_saves_and_loads(tmp_path):
 
 
 def test_set_widths_rejects_records_that_do_not_fit():
-    from nas_grouping.channel_pruning import set_widths
+    from nas_grouping.channels.pruning import set_widths
     from nas_grouping.errors import ExportError
 
     model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8))

@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-import nas_grouping.search as search_mod
+import nas_grouping.search.loop as search_mod
 from nas_grouping.config import SearchConfig
 from nas_grouping.data import (
     CIFAR10_CLASSES,
@@ -25,7 +25,7 @@ from nas_grouping.data import (
 from helpers import interrupt_train_epoch
 from nas_grouping.errors import DataError
 from nas_grouping.runtime import setup_runtime
-from nas_grouping.search import search
+from nas_grouping.search.loop import search
 from nas_grouping.training import epoch_loader
 
 PER_CLASS = 10

@@ -12,7 +12,7 @@ import torch
 from nas_grouping import BudgetError, CompressConfig, ConfigError, ExportError, SelfGrouping, load_model, save_model
 from nas_grouping.bench.compress import bench_latency, format_latency, masked_reference, pin_fastest_forms
 from nas_grouping.cli import build_parser, main
-from nas_grouping.compress import compress, measure_latency
+from nas_grouping.pipeline.compress import compress, measure_latency
 from nas_grouping.config import SelfGroupingConfig, config_from_args
 from nas_grouping.data import DataConfig
 from nas_grouping.macs import count_macs

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from nas_grouping import ConfigError, DGConv2d, ExportError, NasGroupingError, export_model
-from nas_grouping.export import export_layer
+from nas_grouping.export.model import export_layer
 from nas_grouping.ops.dgconv import shared_power_of_two
 
 pytestmark = pytest.mark.usefixtures("single_thread", "seeded")

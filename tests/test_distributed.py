@@ -104,7 +104,7 @@ def test_torchrun_search_two_processes_writes_once_and_ranks_agree(tmp_path):
     # resume the 2-process run in one process, with a longer fine-tuning phase refused (other settings)
     from nas_grouping.config import SearchConfig
     from nas_grouping.errors import ConfigError
-    from nas_grouping.search import load_search_config, search
+    from nas_grouping.search.loop import load_search_config, search
 
     cfg = load_search_config(out)
     assert isinstance(cfg, SearchConfig)

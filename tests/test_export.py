@@ -15,7 +15,7 @@ from nas_grouping import (
     ConfigError, DGConv2d, ExportError, PermutedGroupConv2d, convert_to_dgconv, count_macs, count_parameters,
     dgconv_layers, export_model, load_model, save_model,
 )
-from nas_grouping.export import export_layer, group_permutation, read_architecture
+from nas_grouping.export.model import export_layer, group_permutation, read_architecture
 from nas_grouping.macs import flop_counter_macs
 from helpers import randomize_bn
 

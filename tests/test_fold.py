@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from nas_grouping import DGConv2d, dgconv_layers, export_model, load_model, save_model
-from nas_grouping.fold import FoldWarning, count_gathers, fold_permutations
+from nas_grouping.graph.fold import FoldWarning, count_gathers, fold_permutations
 from nas_grouping.ops.group_conv import PermutedGroupConv2d
 from search_spaces import get_space
 

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from nas_grouping import ConfigError, count_macs, dgconv_layers, export_model, load_model, save_model
-from nas_grouping.latency import (LatencyDeviceWarning, LatencyTable, choose_fastest_forms, latency_report,
+from nas_grouping.latency.measure import (LatencyDeviceWarning, LatencyTable, choose_fastest_forms, latency_report,
                                   measure_ms, profile_layers)
 from nas_grouping.ops.group_conv import PermutedGroupConv2d
 from search_spaces import get_space
@@ -151,7 +151,7 @@ def test_exported_layers_keep_channels_last(form):
 def test_search_with_a_latency_budget_meets_it_on_the_table_and_reports_the_measurement(tmp_path):
     from nas_grouping.config import SearchConfig
     from nas_grouping.data import DataConfig
-    from nas_grouping.search import search
+    from nas_grouping.search.loop import search
 
     # a table where grouping pays (on this CPU it does not for 8-16 channels: see the next test's measurement)
     path = halving_table(tmp_path / "table.json", SMALL)
@@ -177,7 +177,7 @@ def test_search_profiles_a_table_when_none_is_given(tmp_path):
     latency budget at the dense latency can contradict each other (projection says so): budget generously."""
     from nas_grouping.config import SearchConfig
     from nas_grouping.data import DataConfig
-    from nas_grouping.search import search
+    from nas_grouping.search.loop import search
 
     cfg = SearchConfig(space="digits_convnet", space_kwargs=SMALL, epochs=2, warmup_epochs=1, finetune_epochs=0,
                        budget=0.9, latency_budget="100000ms", progress=False, measure_latency=False,
@@ -189,7 +189,7 @@ def test_search_profiles_a_table_when_none_is_given(tmp_path):
 
 
 def test_latency_cost_is_exact_at_binary_gates_and_its_gradient_is_the_saving():
-    from nas_grouping.latency import LatencyCost
+    from nas_grouping.latency.measure import LatencyCost
 
     model = searched_net()
     layer_names = [n for n, _ in dgconv_layers(model)]
@@ -212,7 +212,7 @@ def test_latency_cost_is_exact_at_binary_gates_and_its_gradient_is_the_saving():
 
 def test_fastest_forms_cover_diverse_group_layers_and_linear_macs_count_positions(tmp_path):
     from nas_grouping.ops.diverse_group import FORMS, DiverseGroupConv2d, DiverseGroupLinear
-    from nas_grouping.export import replace_layer
+    from nas_grouping.export.model import replace_layer
     from nas_grouping.macs import count_macs
 
     torch.manual_seed(0)
@@ -243,7 +243,7 @@ def test_fastest_forms_cover_diverse_group_layers_and_linear_macs_count_position
 
 
 def test_gate_pattern_names_contiguous_groups():
-    from nas_grouping.latency import gate_pattern
+    from nas_grouping.latency.measure import gate_pattern
 
     assert gate_pattern([1, 1, 1]) == "contiguous"  # dense
     assert gate_pattern([0, 0, 1]) == "contiguous"
@@ -264,8 +264,8 @@ def _pattern_table(model: nn.Module, contiguous_saving: float) -> LatencyTable:
 
 
 def test_latency_cost_knows_contiguous_groups_are_faster():
-    from nas_grouping.latency import LatencyCost
-    from nas_grouping.search import latency_constraint
+    from nas_grouping.latency.measure import LatencyCost
+    from nas_grouping.search.loop import latency_constraint
 
     model = searched_net()
     name, layer = dgconv_layers(model)[0]
@@ -297,9 +297,9 @@ def test_projection_with_a_latency_budget_prefers_contiguous_groups():
     """When contiguous groups are faster by the table, the projection turns the outer gates off, and the
     export has plain grouped convs (no channel gathers)."""
     from nas_grouping.budget import ModelCost
-    from nas_grouping.latency import LatencyCost
+    from nas_grouping.latency.measure import LatencyCost
     from nas_grouping.runtime import Runtime
-    from nas_grouping.search import latency_constraint, project_to_budget
+    from nas_grouping.search.loop import latency_constraint, project_to_budget
 
     model = searched_net()
     for _, layer in dgconv_layers(model):
@@ -319,7 +319,7 @@ def test_keep_freed_memory_applies_once_and_can_be_opted_out(monkeypatch):
     import subprocess
     import sys
 
-    code = ("from nas_grouping.bench.timing import keep_freed_memory, freed_memory_kept, machine_info;"
+    code = ("from nas_grouping.latency.timer import keep_freed_memory, freed_memory_kept, machine_info;"
             "print(freed_memory_kept(), keep_freed_memory(), keep_freed_memory(), machine_info()['freed_memory_kept'])")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
     on_glibc = sys.platform.startswith("linux")
@@ -332,9 +332,9 @@ def test_keep_freed_memory_applies_once_and_can_be_opted_out(monkeypatch):
 def _measured_loop(measure, budget_ms: float, macs_share: float = 1.0, **kw):
     """project_to_measured_latency on the small net with the pattern table; returns (model, cost, report)."""
     from nas_grouping.budget import ModelCost
-    from nas_grouping.latency import LatencyCost
+    from nas_grouping.latency.measure import LatencyCost
     from nas_grouping.runtime import Runtime
-    from nas_grouping.search import project_to_measured_latency
+    from nas_grouping.search.loop import project_to_measured_latency
 
     model = searched_net()
     for _, layer in dgconv_layers(model):
@@ -387,7 +387,7 @@ def test_measured_latency_loop_respects_the_mac_budget_and_a_loose_latency_budge
 
 
 def test_measured_latency_times_the_export_against_the_reference():
-    from nas_grouping.latency import MeasuredLatency
+    from nas_grouping.latency.measure import MeasuredLatency
 
     dense = get_space("digits_convnet", dense=True, **SMALL).eval()
     measure = MeasuredLatency(dense, (1, 8, 8), batch=2, repeats=2, warmup=1)
@@ -405,7 +405,7 @@ def test_search_with_a_measured_latency_budget_closes_the_loop(tmp_path):
     that met the budget when measured (or the fastest, flagged not met)."""
     from nas_grouping.config import SearchConfig
     from nas_grouping.data import DataConfig
-    from nas_grouping.search import search
+    from nas_grouping.search.loop import search
 
     cfg = SearchConfig(space="digits_convnet", space_kwargs=SMALL, epochs=2, warmup_epochs=1, finetune_epochs=1,
                        budget=0.9, latency_budget="0.8", latency_measured=True, progress=False,
@@ -434,7 +434,7 @@ def test_meet_measured_budget_secant_and_conflicts():
     targets another budget forbids are climbed out of, and a try that met the budget is not forgotten after
     a conflict; when every target conflicts, the model without a latency target is measured."""
     from nas_grouping import BudgetError
-    from nas_grouping.latency import meet_measured_budget
+    from nas_grouping.latency.measure import meet_measured_budget
 
     def machine(target):
         return {"measured_ms": 0.5 * target + 10, "_reached": target, "stuck": False}

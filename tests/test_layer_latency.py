@@ -12,9 +12,9 @@ import torch
 from torch import nn
 
 from nas_grouping import ConfigError, count_macs, dgconv_layers, export_model
-from nas_grouping.layer_latency import (LAYOUTS, REST, WHOLE, _capture_inputs, _timed_layers, layer_latency,
+from nas_grouping.latency.layers import (LAYOUTS, REST, WHOLE, _capture_inputs, _timed_layers, layer_latency,
                                         summary_from_layers, write_layer_latency)
-from nas_grouping.latency import LatencyDeviceWarning
+from nas_grouping.latency.measure import LatencyDeviceWarning
 from nas_grouping.ops.group_conv import PermutedGroupConv2d
 from search_spaces import get_space
 
@@ -224,7 +224,7 @@ def test_search_writes_the_per_layer_latency_with_table_predictions(tmp_path):
     from nas_grouping.config import SearchConfig
     from nas_grouping.data import DataConfig
     from nas_grouping.report import print_run
-    from nas_grouping.search import search
+    from nas_grouping.search.loop import search
 
     names = [n for n, _ in dgconv_layers(get_space("digits_convnet", **SMALL))]
     table = halving_table(tmp_path / "table.json", SMALL)

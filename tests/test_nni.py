@@ -20,7 +20,7 @@ from nas_grouping import BudgetError, ConfigError, count_macs, load_model, save_
 from nas_grouping.budget import ModelCost
 from nas_grouping.convert import dgconv_layers
 from nas_grouping.data import DataConfig, load_datasets
-from nas_grouping.export import export_layer
+from nas_grouping.export.model import export_layer
 from nas_grouping.ops.dgconv import DGConv2d
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -106,6 +106,7 @@ def test_bench_quality_cells_train_by_the_protocol(tmp_path):
     dense = bench.search_config("d", 0, dense=True)
     searched = bench.search_config("s", 1, budget=0.25)
     total = SHORT["epochs"] + SHORT["finetune_epochs"]
-    assert (dense.epochs, dense.finetune_epochs, dense.lr_schedule) == (total, 0, "onecycle")
+    # the dense cell is the `train` command's run: the protocol's schedule, over the same total epochs
+    assert (dense.total_epochs, dense.epochs, dense.lr_schedule) == (total, SHORT["epochs"], "onecycle")
     assert (searched.total_epochs, searched.warmup_epochs, searched.budget) == (total, SHORT["warmup_epochs"], 0.25)
     assert dense.data.batch_size == searched.data.batch_size == PROTOCOLS["short"]["QualityConfig"]["data.batch_size"]

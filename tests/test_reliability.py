@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from helpers import interrupt_train_epoch
-from nas_grouping._io import RUN_FILE, atomic_write, claim_run_folder, run_job
+from nas_grouping.files import RUN_FILE, atomic_write, claim_run_folder, run_job
 from nas_grouping.budget import MacBudget
 from nas_grouping.cli import main
 from nas_grouping.config import SearchConfig, TuneConfig, config_from_dict, config_to_dict
@@ -111,7 +111,7 @@ def test_tune_resume_needs_a_tuning_run(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_a_moved_tuning_run_resumes_its_own_study(tmp_path):
-    from nas_grouping.tune import tune
+    from nas_grouping.tune.study import tune
 
     base = config_from_dict(SearchConfig, {"space": "digits_convnet", "space_kwargs": json.loads(SMALL), "epochs": 2,
                                           "warmup_epochs": 1, "finetune_epochs": 0, "progress": False,
@@ -136,7 +136,7 @@ def test_run_files_follow_the_umask(tmp_path):
 
 
 def test_a_killed_tuning_worker_leaves_results_and_one_clear_line(tmp_path, monkeypatch, capsys):
-    import nas_grouping.tune as tune_mod
+    import nas_grouping.tune.study as tune_mod
 
     monkeypatch.setattr(tune_mod, "_run_workers", lambda n, payload: ["nas-grouping-tune-1 was killed by signal 9"])
     out = tmp_path / "study"
@@ -187,7 +187,7 @@ def test_mac_counter_refuses_an_operation_it_cannot_cost():
 
 
 def test_channel_pruning_refuses_a_model_with_nothing_to_prune():
-    from nas_grouping.channel_pruning import ChannelPruning
+    from nas_grouping.channels.pruning import ChannelPruning
 
     with pytest.raises(ConfigError, match="no channel of this _Attention can be pruned"):
         ChannelPruning(_Attention(), (10, 16)).prune(0.3)
@@ -215,7 +215,7 @@ def _saved_grouped_model(folder):
     from search_spaces import get_space
 
     from nas_grouping.convert import dgconv_layers
-    from nas_grouping.export import export_model, save_model
+    from nas_grouping.export.model import export_model, save_model
 
     model = get_space("digits_convnet", widths=[8, 8, 16, 16, 16, 16])
     for _, layer in dgconv_layers(model):
@@ -227,7 +227,7 @@ def _saved_grouped_model(folder):
 @pytest.mark.parametrize("damage", ["groups", "missing-key", "no-config"])
 def test_damaged_architecture_json_is_one_clear_error(tmp_path, damage):
     from nas_grouping.errors import ExportError
-    from nas_grouping.export import load_model
+    from nas_grouping.export.model import load_model
 
     arch = _saved_grouped_model(tmp_path)
     name = next(iter(arch["layers"]))
@@ -245,7 +245,7 @@ def test_damaged_architecture_json_is_one_clear_error(tmp_path, damage):
 def test_mnasnet_saves_and_loads_with_its_state_dict_versions(tmp_path):
     import torchvision
 
-    from nas_grouping.export import load_model, save_model
+    from nas_grouping.export.model import load_model, save_model
 
     model = torchvision.models.mnasnet0_5(num_classes=10).eval()
     save_model(model, tmp_path / "m", recipe={"kwargs": {"num_classes": 10}})
@@ -257,7 +257,7 @@ def test_mnasnet_saves_and_loads_with_its_state_dict_versions(tmp_path):
 def test_bare_postgresql_url_names_the_form_that_works(monkeypatch):
     import importlib.util
 
-    from nas_grouping._tune_storage import StorageSpec, open_storage
+    from nas_grouping.tune._storage import StorageSpec, open_storage
     from nas_grouping.errors import MissingDependencyError
 
     if importlib.util.find_spec("psycopg") is not None or importlib.util.find_spec("psycopg2") is None:
@@ -295,7 +295,7 @@ def test_corrupt_image_in_an_image_folder_is_named_not_a_traceback(tmp_path, cap
 
 
 def test_out_of_memory_is_one_line_not_a_bad_input_message(monkeypatch, capsys, tmp_path):
-    import nas_grouping.search as search_mod
+    import nas_grouping.search.loop as search_mod
 
     def oom(*args, **kwargs):
         raise RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory: you "
@@ -320,7 +320,7 @@ def test_temporaries_of_killed_writes_are_removed_when_the_folder_is_claimed(tmp
 
 
 def test_wall_time_of_a_resumed_run_counts_every_session(tmp_path, monkeypatch):
-    import nas_grouping.search as search_mod
+    import nas_grouping.search.loop as search_mod
     from nas_grouping.training import load_checkpoint
 
     cfg = config_from_dict(SearchConfig, {"space": "digits_convnet", "space_kwargs": json.loads(SMALL), "epochs": 3,

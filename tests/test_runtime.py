@@ -13,7 +13,7 @@ from nas_grouping import ConfigError, DGConv2d, export_model
 from nas_grouping.config import SearchConfig
 from nas_grouping.data import DataConfig
 from nas_grouping.runtime import resolve_device, setup_runtime
-from nas_grouping.search import search
+from nas_grouping.search.loop import search
 
 
 def _net() -> nn.Module:

@@ -8,11 +8,11 @@ import pandas as pd
 import pytest
 import torch
 
-import nas_grouping.search as search_mod
+import nas_grouping.search.loop as search_mod
 from nas_grouping import BudgetError, ConfigError, count_macs, load_model
 from nas_grouping.config import SearchConfig
 from nas_grouping.data import DataConfig
-from nas_grouping.search import search
+from nas_grouping.search.loop import search
 
 SMALL = {"widths": [8, 8, 16, 16, 16, 16]}
 

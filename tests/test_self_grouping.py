@@ -10,19 +10,19 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import nas_grouping._self_grouping_finetune as finetune_mod
-import nas_grouping.self_grouping as sg_mod
+import nas_grouping.self_grouping._finetune as finetune_mod
+import nas_grouping.self_grouping.grouping as sg_mod
 from nas_grouping import (
     BudgetError, ConfigError, DGConv2d, PermutedGroupConv2d, SelfGrouping, SelfGroupingConfig, count_macs,
     export_model, load_model, save_model, self_group,
 )
-from nas_grouping._self_grouping_cluster import balance_labels, centroid_prune, kmeans_labels, taylor_importance
-from nas_grouping._self_grouping_layers import Prunable
-from nas_grouping._self_grouping_spec import list_cluster_rules, parse_clusters, resolve_clusters
+from nas_grouping.self_grouping._cluster import balance_labels, centroid_prune, kmeans_labels, taylor_importance
+from nas_grouping.self_grouping._layers import Prunable
+from nas_grouping.specs import list_cluster_rules, parse_clusters, resolve_clusters
 from nas_grouping.data import DataConfig, load_datasets
 from nas_grouping.ops.diverse_group import DiverseGroupConv2d, DiverseGroupLinear
 from nas_grouping.ops.group_conv import conv_config
-from nas_grouping.self_grouping import grouping_outcomes
+from nas_grouping.self_grouping.grouping import grouping_outcomes
 
 pytestmark = pytest.mark.usefixtures("single_thread", "seeded")
 

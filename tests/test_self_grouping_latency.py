@@ -10,11 +10,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from nas_grouping import BudgetError, CompressConfig, ConfigError, SelfGrouping, save_model
-from nas_grouping._self_grouping_latency import PASS_NAME, fit_latency, profile_self_grouping
-from nas_grouping.compress import compress
+from nas_grouping.self_grouping.latency import PASS_NAME, fit_latency, profile_self_grouping
+from nas_grouping.pipeline.compress import compress
 from nas_grouping.config import SelfGroupingConfig
 from nas_grouping.data import DataConfig
-from nas_grouping.latency import LatencyDeviceWarning, LatencyTable
+from nas_grouping.latency.measure import LatencyDeviceWarning, LatencyTable
 from nas_grouping.macs import count_macs
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -203,7 +203,7 @@ def test_profile_command_for_the_pass_and_its_errors(tmp_path, capsys):
 def test_measured_latency_budget_builds_measures_and_corrects_the_table(monkeypatch):
     """latency_measured: each try of the table's fractions is built and measured; here a fake machine runs
     0.5 ms + 2 ms x (MACs share), so a budget of 0.8 x 2.5 ms needs about 3/4 of the MACs, whatever the table says."""
-    import nas_grouping.latency as latency_module
+    import nas_grouping.latency.measure as latency_module
 
     model = _net()
     dense_macs = count_macs(model, SIZE)

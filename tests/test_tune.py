@@ -24,15 +24,15 @@ import pytest
 import torch
 from optuna.trial import TrialState
 
-import nas_grouping.search as search_mod
+import nas_grouping.search.loop as search_mod
 from nas_grouping import BudgetError, ConfigError, MissingDependencyError, count_macs, load_model
-from nas_grouping._tune_knobs import knob_groups, parse_knobs, project_shares
-from nas_grouping._tune_storage import mask_url, resolve_storage
+from nas_grouping.tune._knobs import knob_groups, parse_knobs, project_shares
+from nas_grouping.tune._storage import mask_url, resolve_storage
 from nas_grouping.cli import main
 from nas_grouping.config import CompressConfig, SearchConfig, TuneConfig
 from nas_grouping.data import DataConfig
-from nas_grouping.export import save_model
-from nas_grouping.tune import tune
+from nas_grouping.export.model import save_model
+from nas_grouping.tune.study import tune
 
 SMALL = {"widths": [8, 8, 16, 16, 16, 16]}
 DENSE_SMALL = 170_656  # dense MACs of SMALL at 1x8x8 (pool after the 2nd conv)
@@ -317,7 +317,7 @@ def test_resume_after_a_killed_process_fails_and_retries_its_running_trial(tmp_p
     spec = json.dumps({k: v for k, v in job(tmp_path, epochs=3, warmup_epochs=1).__dict__.items() if k != "data"})
     code = ("import json, torch; torch.set_num_threads(1)\n"
             "from nas_grouping.config import SearchConfig, TuneConfig\nfrom nas_grouping.data import DataConfig\n"
-            "from nas_grouping.tune import tune\n"
+            "from nas_grouping.tune.study import tune\n"
             f"cfg = SearchConfig(**json.loads({spec!r}), data=DataConfig(batch_size=128))\n"
             "tune(cfg, TuneConfig(trials=2), quiet=True)\n")
     proc = subprocess.Popen([sys.executable, "-c", code], cwd=REPO)

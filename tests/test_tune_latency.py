@@ -18,17 +18,17 @@ import pytest
 import torch
 from optuna.trial import TrialState
 
-import nas_grouping._tune_trials as trials_mod
-import nas_grouping.search as search_mod
-import nas_grouping.tune as tune_mod
+import nas_grouping.tune._trials as trials_mod
+import nas_grouping.search.loop as search_mod
+import nas_grouping.tune.study as tune_mod
 from nas_grouping import ConfigError
-from nas_grouping._tune_report import format_tuning_run
+from nas_grouping.tune._report import format_tuning_run
 from nas_grouping.cli import main
 from nas_grouping.config import CompressConfig, SearchConfig, TuneConfig
 from nas_grouping.data import DataConfig
-from nas_grouping.export import save_model
+from nas_grouping.export.model import save_model
 from nas_grouping.macs import count_macs
-from nas_grouping.tune import LATENCY_ATTR, tune
+from nas_grouping.tune.study import LATENCY_ATTR, tune
 
 SMALL = {"widths": [8, 8, 16, 16, 16, 16]}
 HUGE = "100000ms"  # always met
@@ -271,7 +271,7 @@ def test_a_study_without_latency_resumes_as_before_and_times_nothing(tmp_path, w
         raise AssertionError("timed a model though no latency setting was given")
 
     monkeypatch.setattr(tune_mod, "model_latency_ms", never)
-    monkeypatch.setattr("nas_grouping._tune_trials.model_latency_ms", never)
+    monkeypatch.setattr("nas_grouping.tune._trials.model_latency_ms", never)
     cfg = job(tmp_path)
     result = tune(cfg, TuneConfig(trials=1), quiet=True)
     assert LATENCY_ATTR not in result.study.user_attrs and "latency" not in result.study.user_attrs[

@@ -24,7 +24,7 @@ import json, sys, torch
 torch.set_num_threads(1)
 from nas_grouping.config import SearchConfig, TuneConfig
 from nas_grouping.data import DataConfig
-from nas_grouping.tune import tune
+from nas_grouping.tune.study import tune
 out, url, name = sys.argv[1:4]
 cfg = SearchConfig(space="digits_convnet", space_kwargs={"widths": [8, 8, 16, 16, 16, 16]}, epochs=2,
                    warmup_epochs=1, finetune_epochs=0, budget=0.5, progress=False, out=out,

@@ -12,12 +12,12 @@ def run(what: str, args: argparse.Namespace) -> int:
     import pandas as pd
 
     if what == "dgconv":
-        from .dgconv import bench_dgconv, format_rows
+        from nas_grouping.bench.dgconv import bench_dgconv, format_rows
 
         rows = bench_dgconv(repeats=3 if args.quick else 10, batch=8 if args.quick else 32)
         print(format_rows(rows))
     elif what == "search-overhead":
-        from .search_overhead import bench_search_overhead
+        from nas_grouping.bench.search_overhead import bench_search_overhead
 
         rows = [bench_search_overhead(data=data, rounds=1 if args.quick else 3, channels_last=cl)
                 for data in ("digits", "cifar-shape") for cl in (False, True)]
@@ -26,7 +26,7 @@ def run(what: str, args: argparse.Namespace) -> int:
                   f"dense epoch {r['dense_epoch_s']:.2f} s, search epoch {r['search_epoch_s']:.2f} s, "
                   f"overhead {r['overhead']:.2f}x ({r['threads']} threads, torch {r['torch']})")
     elif what == "compress":
-        from .compress import bench_accuracy, bench_latency, format_latency
+        from nas_grouping.bench.compress import bench_accuracy, bench_latency, format_latency
 
         if args.quick:
             rows = bench_latency(width=1, fractions=(0.5,), batch_sizes=(1, 8), repeats=2, warmup=1,

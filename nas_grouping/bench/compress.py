@@ -28,10 +28,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..errors import ConfigError
-from ..macs import count_macs
-from ..ops.diverse_group import DiverseGroupConv2d, DiverseGroupLinear
-from .timing import machine_info
+from nas_grouping.errors import ConfigError
+from nas_grouping.macs import count_macs
+from nas_grouping.ops.diverse_group import DiverseGroupConv2d, DiverseGroupLinear
+from nas_grouping.latency.timer import machine_info
 
 __all__ = ["VARIANTS", "bench_latency", "bench_accuracy", "format_latency", "masked_reference",
            "pin_fastest_forms"]
@@ -114,7 +114,7 @@ def pin_fastest_forms(model: nn.Module, input_size: Sequence[int], batch: int, *
                       warmup: int = 2) -> dict[str, str]:
     """Time every exact form of each exported layer on its own input at ``batch``; pin the fastest
     (``latency.choose_fastest_forms``, in place). Returns {layer: form}."""
-    from ..latency import choose_fastest_forms
+    from nas_grouping.latency.measure import choose_fastest_forms
 
     _, report = choose_fastest_forms(model, input_size, batch=batch, repeats=repeats, warmup=warmup, inplace=True)
     return {name: row["form"] for name, row in report["layers"].items()}
@@ -123,8 +123,8 @@ def pin_fastest_forms(model: nn.Module, input_size: Sequence[int], batch: int, *
 def _bench_latency(network: str, width: int, fractions: Sequence[float], batch_sizes: Sequence[int],
                    variants: Sequence[str] | None, pinned: Sequence[str], repeats: int, warmup: int,
                    kmeans_restarts: int, seed: int) -> list[dict[str, Any]]:
-    from ..compress import measure_latency
-    from ..self_grouping import SelfGrouping
+    from nas_grouping.pipeline.compress import measure_latency
+    from nas_grouping.self_grouping.grouping import SelfGrouping
 
     dense, size = _network(network, width, seed)
     dense_macs = count_macs(dense, size)
@@ -195,8 +195,8 @@ def bench_accuracy(*, epochs: int = 15, finetune_epochs: int = 5, budget: float 
     dense run's accuracy and MACs, and per variant the compress summary's accuracies (before,
     after pruning, after fine-tuning), MACs and whether the budget was met.
     """
-    from ..cli import main
-    from ..report import read_json
+    from nas_grouping.cli import main
+    from nas_grouping.report import read_json
 
     unknown = sorted(set(variants) - set(VARIANTS))
     if unknown:

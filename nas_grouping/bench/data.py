@@ -19,12 +19,12 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
-from ..config import _f
-from ..data import DataConfig, load_datasets
-from ..errors import ConfigError
-from ..runtime import setup_runtime
-from ..training import epoch_loader
-from .timing import machine_info
+from nas_grouping.config import _f
+from nas_grouping.data import DataConfig, load_datasets
+from nas_grouping.errors import ConfigError
+from nas_grouping.runtime import setup_runtime
+from nas_grouping.training import epoch_loader
+from nas_grouping.latency.timer import machine_info
 
 __all__ = ["DataBenchConfig", "bench_data", "format_data_bench"]
 
@@ -74,7 +74,7 @@ def bench_data(cfg: DataBenchConfig) -> dict[str, Any]:
     """Time the model alone, the in-memory epoch, and the per-sample path; return seconds and ratios."""
     from search_spaces import get_space
 
-    from ..data import make_loader
+    from nas_grouping.data import make_loader
 
     rt = setup_runtime("cpu", "32", cfg.channels_last, False)
     start = time.perf_counter()
@@ -134,7 +134,7 @@ def bench_data(cfg: DataBenchConfig) -> dict[str, Any]:
         **machine_info(),
     }
     if cfg.out:
-        from ..report import write_json
+        from nas_grouping.report import write_json
 
         write_json(cfg.out, result)
     return result

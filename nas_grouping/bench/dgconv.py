@@ -14,9 +14,9 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from ..export import export_layer
-from ..ops.dgconv import DGConv2d
-from .timing import machine_info, median_ms
+from nas_grouping.export.model import export_layer
+from nas_grouping.ops.dgconv import DGConv2d
+from nas_grouping.latency.timer import machine_info, median_ms
 
 __all__ = ["bench_dgconv", "format_rows"]
 

@@ -32,9 +32,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import ConfigError
-from .timing import sample_ms
-from ..ops.diverse_group import FORMS, DiverseGroupConv2d
+from nas_grouping.errors import ConfigError
+from nas_grouping.latency.timer import sample_ms
+from nas_grouping.ops.diverse_group import FORMS, DiverseGroupConv2d
 
 __all__ = ["DEFAULT_SHAPES", "bench_diverse_group", "format_table", "random_groups"]
 

@@ -27,14 +27,14 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from ..config import PROTOCOL_HELP, CompressConfig, SearchConfig, SelfGroupingConfig, _f, config_from_dict, \
+from nas_grouping.config import PROTOCOL_HELP, CompressConfig, SearchConfig, SelfGroupingConfig, _f, config_from_dict, \
     config_to_dict
-from ..protocols import apply_protocol_defaults, merge_protocol
-from ..data import DataConfig, load_datasets
-from ..errors import ConfigError
-from ..macs import count_macs
-from ..report import write_json
-from .timing import median_ms
+from nas_grouping.protocols import apply_protocol_defaults, merge_protocol
+from nas_grouping.data import DataConfig, load_datasets
+from nas_grouping.errors import ConfigError
+from nas_grouping.macs import count_macs
+from nas_grouping.report import write_json
+from nas_grouping.latency.timer import median_ms
 
 __all__ = ["QualityConfig", "run_quality", "uniform_groups_for_budget"]
 
@@ -63,7 +63,7 @@ class QualityConfig:
 
     def __post_init__(self) -> None:
         if isinstance(self.data, dict):
-            from ..config import config_from_dict
+            from nas_grouping.config import config_from_dict
 
             self.data = config_from_dict(DataConfig, self.data)
         apply_protocol_defaults(self)
@@ -90,8 +90,8 @@ def uniform_groups_for_budget(space: str, space_kwargs: dict, fraction: float, n
     ``groups_at_budget``), with their MACs; None when even the largest groups do not fit."""
     from search_spaces import get_space
 
-    from ..budget import ModelCost, groups_at_budget
-    from ..errors import BudgetError
+    from nas_grouping.budget import ModelCost, groups_at_budget
+    from nas_grouping.errors import BudgetError
 
     model = get_space(space, num_classes=num_classes, in_channels=input_size[0], **space_kwargs)
     try:
@@ -133,7 +133,7 @@ class _Bench:
         return config_from_dict(SearchConfig, base)
 
     def run_search(self, name: str, seed: int, **kw: Any):
-        from ..search import search
+        from nas_grouping.search.loop import search
 
         cfg = self.search_config(name, seed, **kw)
         resume = (Path(cfg.out) / "checkpoint.pt").exists()
@@ -141,7 +141,7 @@ class _Bench:
             return search(cfg, resume=resume)
 
     def self_group(self, model, budget: float | int, seed: int):
-        from ..self_grouping import SelfGrouping
+        from nas_grouping.self_grouping.grouping import SelfGrouping
 
         settings = {"epochs": self.cfg.sg_epochs}
         if self.cfg.protocol:
@@ -175,7 +175,7 @@ class _Bench:
             r = self.run_search(key, seed, budget=budget)
             model, acc = r.model, r.summary["val_acc"]
         elif method == "self_grouping":
-            from ..export import load_model
+            from nas_grouping.export.model import load_model
 
             self.cell("dense", None, seed)
             dense = load_model(self.out / "runs" / f"dense-dense-{seed}" / "model")

@@ -11,13 +11,13 @@ import time
 import torch
 from torch.utils.data import TensorDataset
 
-from ..budget import AdditiveRegularizer, ModelCost
-from ..convert import arch_parameters, weight_parameters
-from ..data import DataConfig, load_datasets
-from ..errors import ConfigError
-from ..runtime import setup_runtime
-from ..training import epoch_loader, seed_everything, train_epoch
-from .timing import machine_info
+from nas_grouping.budget import AdditiveRegularizer, ModelCost
+from nas_grouping.convert import arch_parameters, weight_parameters
+from nas_grouping.data import DataConfig, load_datasets
+from nas_grouping.errors import ConfigError
+from nas_grouping.runtime import setup_runtime
+from nas_grouping.training import epoch_loader, seed_everything, train_epoch
+from nas_grouping.latency.timer import machine_info
 
 __all__ = ["bench_search_overhead"]
 

@@ -46,13 +46,13 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from ..config import _f
-from ..channel_pruning import ChannelPruning, least_ratio
-from ..errors import BudgetError, ConfigError
-from ..fold import count_gathers
-from ..latency import LatencyCost, MeasuredLatency, choose_fastest_forms, fastest_layouts, profile_layers
-from ..macs import count_macs
-from .timing import machine_info
+from nas_grouping.config import _f
+from nas_grouping.channels.pruning import ChannelPruning, least_ratio
+from nas_grouping.errors import BudgetError, ConfigError
+from nas_grouping.graph.fold import count_gathers
+from nas_grouping.latency.measure import LatencyCost, MeasuredLatency, choose_fastest_forms, fastest_layouts, profile_layers
+from nas_grouping.macs import count_macs
+from nas_grouping.latency.timer import machine_info
 
 __all__ = ["SpeedConfig", "run_speed", "format_speed", "NETWORKS", "torch_pruning_prune"]
 
@@ -144,7 +144,7 @@ def _bound(cost: LatencyCost, model: torch.nn.Module) -> LatencyCost:
 
 def _all_on(searchable: torch.nn.Module) -> torch.nn.Module:
     """A copy of ``searchable`` with every gate on (dense), where a search's projection starts."""
-    from ..convert import dgconv_layers
+    from nas_grouping.convert import dgconv_layers
 
     model = copy.deepcopy(searchable)
     for _, layer in dgconv_layers(model):
@@ -155,9 +155,9 @@ def _all_on(searchable: torch.nn.Module) -> torch.nn.Module:
 def _project(searchable: torch.nn.Module, input_size: tuple[int, ...], budget_macs: int, batches: list
              ) -> torch.nn.Module:
     """A copy of ``searchable`` with all gates on, projected to the MAC budget."""
-    from ..budget import ModelCost
-    from ..runtime import Runtime
-    from ..search import project_to_budget
+    from nas_grouping.budget import ModelCost
+    from nas_grouping.runtime import Runtime
+    from nas_grouping.search.loop import project_to_budget
 
     model = _all_on(searchable)
     project_to_budget(model, ModelCost(model, input_size), budget_macs, batches, Runtime(torch.device("cpu")))
@@ -179,9 +179,9 @@ def _with_latency_budget(searchable: torch.nn.Module, input_size: tuple[int, ...
     """Gates projected to the MAC budget and ``fraction`` of the dense model's *measured* latency:
     the table steers the projection, whole-model measurements correct its target
     (``search.project_to_measured_latency``)."""
-    from ..budget import ModelCost
-    from ..runtime import Runtime
-    from ..search import project_to_measured_latency
+    from nas_grouping.budget import ModelCost
+    from nas_grouping.runtime import Runtime
+    from nas_grouping.search.loop import project_to_measured_latency
 
     model = _all_on(searchable)
     budget_ms = fraction * measure.reference_ms
@@ -210,10 +210,10 @@ def _hybrid(channels: ChannelPruning, input_size: tuple[int, ...], budget_macs: 
     meets the budget with the most MACs is chosen; if none does, they are timed side by side
     (the loops' single timings are too noisy to rank close candidates) and the fastest wins.
     """
-    from ..budget import ModelCost
-    from ..convert import convert_to_dgconv
-    from ..runtime import Runtime
-    from ..search import project_to_measured_latency
+    from nas_grouping.budget import ModelCost
+    from nas_grouping.convert import convert_to_dgconv
+    from nas_grouping.runtime import Runtime
+    from nas_grouping.search.loop import project_to_measured_latency
 
     budget_ms = fraction * measure.reference_ms
     pruned, ratio, report = channels.prune_to_latency(budget_ms, measure, budget_macs=budget_macs)
@@ -248,8 +248,8 @@ def _hybrid(channels: ChannelPruning, input_size: tuple[int, ...], budget_macs: 
 
 def _export_fastest(model: torch.nn.Module, input_size: tuple[int, ...], batch: int
                     ) -> tuple[torch.nn.Module, dict[str, Any]]:
-    from ..convert import dgconv_layers
-    from ..export import export_model
+    from nas_grouping.convert import dgconv_layers
+    from nas_grouping.export.model import export_model
 
     exported, forms = choose_fastest_forms(export_model(model), input_size, batch=batch)
     return exported, {"groups": [layer.learned_groups for _, layer in dgconv_layers(model)],

@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 from torch.utils.data import Dataset
 
-from ..errors import ConfigError, DataError
+from nas_grouping.errors import ConfigError, DataError
 
 __all__ = ["DATASETS", "DataConfig", "Datasets", "require_data_dir"]
 

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import Dataset, Subset
 
-from ..errors import ConfigError
+from nas_grouping.errors import ConfigError
 
 __all__ = ["ImageTensorDataset", "TensorBatchLoader", "augment_batch", "tensor_source"]
 

@@ -1,6 +1,6 @@
 """The layers: the searchable DGConv2d and the exported inference layers."""
 
-from .dgconv import DGConv2d
-from .group_conv import PermutedGroupConv2d
+from nas_grouping.ops.dgconv import DGConv2d
+from nas_grouping.ops.group_conv import PermutedGroupConv2d
 
 __all__ = ["DGConv2d", "PermutedGroupConv2d"]

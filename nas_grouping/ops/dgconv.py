@@ -6,7 +6,7 @@ Learning-to-Group Channels via Groupable Convolutional Neural Networks"
 U = U_1 (x) ... (x) U_K (x) 1_{r_out x r_in}, where U_k is 1_{2x2} when binary
 gate k is on and I_2 when it is off. U is block-diagonal with G = 2^(#off gates)
 equal groups up to a channel permutation, so the layer exports to a real
-``nn.Conv2d(groups=G)`` (see ``nas_grouping.export``).
+``nn.Conv2d(groups=G)`` (see ``nas_grouping.export.model``).
 
 Differences from the public reference code, on purpose:
 - any channel counts: C_out = 2^K r_out and C_in = 2^K r_in with 2^K the largest
@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.common_types import _size_2_t
 
-from ..errors import ConfigError
+from nas_grouping.errors import ConfigError
 
 __all__ = ["DGConv2d", "shared_power_of_two"]
 

@@ -37,8 +37,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..errors import ConfigError
-from ._channels import gather_channels
+from nas_grouping.errors import ConfigError
+from nas_grouping.ops._channels import gather_channels
 
 __all__ = [
     "AUTO",
