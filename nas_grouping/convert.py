@@ -74,7 +74,7 @@ def conversion_plan(model: nn.Module, *, skip_first: bool = True, skip_pointwise
     return steps
 
 
-def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
+def set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     setattr(parent, child, new)
@@ -104,7 +104,7 @@ def convert_to_dgconv(model: nn.Module, *, skip_first: bool = True, skip_pointwi
             new.layer_name = step.name
             if not step.name:  # the model is a bare conv
                 return new
-            _set_submodule(target, step.name, new)
+            set_submodule(target, step.name, new)
     return target
 
 

@@ -11,6 +11,7 @@ from torch import nn
 
 from nas_grouping.channels.pruning import ChannelPruning, prune_channels
 from nas_grouping.errors import BudgetError, ConfigError
+from nas_grouping.export.records import records_of
 from nas_grouping.macs import count_macs
 
 from helpers import randomize_bn
@@ -575,14 +576,15 @@ def test_an_exported_search_result_pruned_afterwards_saves_and_loads(tmp_path):
     searchable = get_space("digits_convnet", widths=[16, 16, 32, 32, 32, 32]).eval()
     for _, layer in dgconv_layers(searchable)[2:4]:
         layer.set_groups(2)
-    exported = export_model(searchable).eval()  # ungrouped layers are recorded too, with their widths then
+    exported = export_model(searchable).eval()
     randomize_bn(exported)
     pruning = ChannelPruning(exported, size)
     pruned = pruning.prune(0.5)
-    before, after = getattr(exported, "nas_grouping_layers"), getattr(pruned, "nas_grouping_layers")
-    narrowed = [n for n in after if after[n]["config"].get("out_channels") != before[n]["config"].get("out_channels")]
+    after, after_widths = records_of(pruned)
+    narrowed = [n for n in after if after[n]["config"].get("out_channels") != getattr(
+        exported.get_submodule(n), "out_channels", None)]
     assert narrowed, "a recorded (exported) layer that was pruned keeps its record, with its new widths"
-    assert not set(narrowed) & set(getattr(pruned, "nas_grouping_widths", {}))
+    assert not set(narrowed) & set(after_widths)
     save_model(pruned, tmp_path / "m")
     loaded = load_model(tmp_path / "m")
     x = torch.randn(4, *size)

@@ -244,7 +244,8 @@ def test_export_after_eval_forward_with_grad():
 def saved(tmp_path, seed: int = 0, width: int = 16):
     model = searched_smallnet(seed, width)
     exported = export_model(model).eval()
-    folder = save_model(exported, tmp_path / "model", recipe={"kwargs": {"width": width}}, extra={"macs": 123})
+    folder = save_model(exported, tmp_path / "model", recipe={"kwargs": {"width": width}}, extra={"macs": 123},
+                        builder=SmallNet)
     return model, exported, folder
 
 
@@ -274,14 +275,18 @@ def test_architecture_json_records_groups_and_permutations(tmp_path):
     model.block[0].set_gates([1, 0, 1, 0])   # needs a permutation
     model.block[5].set_gates([0, 1, 1])      # contiguous groups: a plain nn.Conv2d
     model.last.set_gates([1, 1, 1])          # dense
-    folder = save_model(export_model(model, fold=False), tmp_path / "m", recipe={"kwargs": {}}, extra={"top1": 0.5})
+    exported = export_model(model, fold=False)
+    folder = save_model(exported, tmp_path / "m", recipe={"kwargs": {}}, extra={"top1": 0.5}, builder=SmallNet)
     arch = json.loads((folder / "architecture.json").read_text())
     assert arch == read_architecture(folder)
     assert arch["format"] == "nas-grouping/1"
     assert arch["recipe"] == {"kwargs": {}}
     assert arch["extra"] == {"top1": 0.5}
-    layers = arch["layers"]
-    assert set(layers) == {name for name, _ in dgconv_layers(model)}
+    # the records are what differs from the base network: the grouped layers, not the dense ones
+    assert set(arch["layers"]) == {"block.0", "block.5"}
+    # with no base to compare with (no builder), every layer that can change is recorded
+    layers = read_architecture(save_model(exported, tmp_path / "all", recipe={"kwargs": {}}))["layers"]
+    assert set(layers) >= {name for name, _ in dgconv_layers(model)}
     perm = layers["block.0"]
     assert perm["type"] == "PermutedGroupConv2d"
     assert perm["config"]["conv"]["groups"] == 4

@@ -13,6 +13,7 @@ from nas_grouping import ConfigError, count_macs, dgconv_layers, export_model, l
 from nas_grouping.latency.measure import (LatencyDeviceWarning, LatencyTable, choose_fastest_forms, latency_report,
                                   measure_ms, profile_layers)
 from nas_grouping.ops.group_conv import PermutedGroupConv2d
+from nas_grouping.export.records import records_of
 from search_spaces import get_space
 
 from helpers import halving_table
@@ -34,7 +35,7 @@ def searched_net(seed: int = 0) -> nn.Module:
 def test_both_forms_are_exact_in_both_layouts(form, layout):
     model = searched_net()
     exported = export_model(model).eval()
-    for name in exported.nas_grouping_layers:
+    for name in records_of(exported)[0]:
         layer = exported.get_submodule(name)
         if isinstance(layer, PermutedGroupConv2d):
             layer.form = form
@@ -50,7 +51,7 @@ def test_choose_fastest_forms_keeps_outputs_records_choices_and_round_trips(tmp_
     exported = export_model(model)
     fast, report = choose_fastest_forms(exported, (1, 8, 8), batch=2, repeats=3, warmup=1)
     assert report["layout"] in ("nchw", "channels_last") and report["threads"] == torch.get_num_threads()
-    assert set(report["layers"]) <= set(exported.nas_grouping_layers)
+    assert set(report["layers"]) <= set(records_of(exported)[0])
     for name, row in report["layers"].items():
         assert row["form"] == min(("grouped", "dense"), key=lambda f: row[f"{f}_ms"])
     x = torch.randn(4, 1, 8, 8)

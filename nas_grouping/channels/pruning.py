@@ -26,16 +26,15 @@ from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
 from nas_grouping.errors import BudgetError, ConfigError, ExportError
-from nas_grouping.export.model import LAYERS_ATTR, WIDTHS_ATTR, _record
+from nas_grouping.export.records import NORMS, set_widths
 from nas_grouping.graph.fold import _PER_CHANNEL_FUNCTIONS, _PER_CHANNEL_METHODS, _PER_CHANNEL_MODULES, _Tracer
 from nas_grouping.macs import check_input_size, count_macs
 
-__all__ = ["ChannelPruning", "ChannelSet", "prune_channels", "least_ratio", "set_widths", "WIDTHS_ATTR"]
+__all__ = ["ChannelPruning", "ChannelSet", "prune_channels", "least_ratio", "set_widths"]
 
 _ELEMENTWISE = {operator.add, operator.iadd, operator.mul, operator.imul, operator.sub, torch.add, torch.mul,
                 torch.sub}
 _ELEMENTWISE_METHODS = {"add", "add_", "mul", "mul_", "sub", "sub_"}
-_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d)
 
 
 @dataclass
@@ -195,7 +194,7 @@ class ChannelPruning:
                 elif type(module) is nn.Conv2d and module.groups == module.in_channels == module.out_channels:
                     out = src
                     sets.add(out, name, "through")
-                elif type(module) in _NORMS and len(shape) in (2, 4):
+                elif type(module) in NORMS and len(shape) in (2, 4):
                     out = src
                     sets.add(out, name, "through")
                 if out is not None and name in self.ignore:
@@ -255,7 +254,6 @@ class ChannelPruning:
                               "channels is seen by the model's input or output, a reshape, a concatenation or an "
                               "operation the pass does not know, as in attention blocks); it would come back unchanged")
         model = copy.deepcopy(self.model)
-        widths = dict(getattr(model, WIDTHS_ATTR, None) or {})
         for s in self.prunable():
             keep = self._keep(s.channels, ratio)
             if keep == s.channels:
@@ -263,11 +261,6 @@ class ChannelPruning:
             index = self._importance(s).topk(keep).indices.sort().values
             for name, role in s.members:
                 _shrink(model.get_submodule(name), role, index)
-                widths[name] = _widths_of(model.get_submodule(name))
-        records = getattr(model, LAYERS_ATTR, None) or {}
-        setattr(model, WIDTHS_ATTR, {k: v for k, v in widths.items() if k not in records})
-        for name in widths.keys() & records.keys():  # an exported layer keeps its record, now with its new widths
-            _record(model, name, model.get_submodule(name))
         return model
 
     def prune_to_budget(self, budget_macs: int, *, max_ratio: float = 0.9, steps: int = 12
@@ -354,7 +347,7 @@ def _shrink(m: nn.Module, role: str, index: torch.Tensor) -> None:
             setattr(m, name, kept)
 
     k = len(index)
-    if isinstance(m, _NORMS):
+    if isinstance(m, NORMS):
         for name in ("weight", "bias", "running_mean", "running_var"):
             take(name, 0)
         m.num_features = k
@@ -369,47 +362,6 @@ def _shrink(m: nn.Module, role: str, index: torch.Tensor) -> None:
     else:
         take("weight", 1)
         setattr(m, "in_channels" if isinstance(m, nn.Conv2d) else "in_features", k)
-
-
-def _widths_of(m: nn.Module) -> list[int]:
-    if isinstance(m, _NORMS):
-        return [m.num_features]
-    if isinstance(m, nn.Conv2d):
-        return [m.in_channels, m.out_channels, m.groups]
-    return [m.in_features, m.out_features]
-
-
-def set_widths(model: nn.Module, widths: dict[str, list[int]]) -> nn.Module:
-    """Give the layers named in ``widths`` (as recorded by ``ChannelPruning``) those widths, with
-    uninitialised tensors of the new shapes: how ``load_model`` rebuilds a pruned network before
-    loading its weights. Raises ``ExportError`` for a name or a record that does not fit."""
-    for name, w in widths.items():
-        try:
-            m = model.get_submodule(name)
-        except AttributeError:
-            raise ExportError(f"the rebuilt base network has no layer {name!r} to resize; wrong builder?") from None
-        fits = isinstance(m, _NORMS) and len(w) == 1 or type(m) is nn.Conv2d and len(w) == 3 \
-            or type(m) is nn.Linear and len(w) == 2
-        if not fits:
-            raise ExportError(f"layer {name!r} ({type(m).__name__}) cannot take the recorded widths {w}")
-        if isinstance(m, _NORMS):
-            m.num_features = w[0]
-            shapes = {"weight": (w[0],), "bias": (w[0],), "running_mean": (w[0],), "running_var": (w[0],)}
-        elif isinstance(m, nn.Conv2d):
-            m.in_channels, m.out_channels, m.groups = w
-            shapes = {"weight": (w[1], w[0] // w[2], *m.kernel_size), "bias": (w[1],)}
-        else:
-            m.in_features, m.out_features = w
-            shapes = {"weight": (w[1], w[0]), "bias": (w[1],)}
-        for attr, shape in shapes.items():
-            t = getattr(m, attr, None)
-            if t is None:
-                continue
-            new = t.data.new_zeros(shape)
-            setattr(m, attr, nn.Parameter(new, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter)
-                    else new)
-    setattr(model, WIDTHS_ATTR, dict(widths))
-    return model
 
 
 def prune_channels(model: nn.Module, input_size: Sequence[int], *, ratio: float | None = None,

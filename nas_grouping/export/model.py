@@ -27,10 +27,11 @@ import torch
 from torch import nn
 
 from nas_grouping.files import atomic_write
-from nas_grouping.convert import _set_submodule, dgconv_layers
+from nas_grouping.convert import dgconv_layers, set_submodule
 from nas_grouping.errors import ExportError, is_out_of_memory
 from nas_grouping.ops.dgconv import DGConv2d
-from nas_grouping.ops.diverse_group import DiverseGroupConv2d, DiverseGroupLinear
+from nas_grouping.export.records import (LAYOUT_ATTR, RECIPE_ATTR, architecture_records, base_model, exportable,
+                                         register_exportable, set_widths)
 from nas_grouping.ops.group_conv import PermutedGroupConv2d, conv_config, conv_from_config
 
 __all__ = [
@@ -39,28 +40,6 @@ __all__ = [
 ]
 
 FORMAT_VERSION = "nas-grouping/1"
-LAYERS_ATTR = "nas_grouping_layers"
-LAYOUT_ATTR = "nas_grouping_layout"
-WIDTHS_ATTR = "nas_grouping_widths"  # the widths of channel-pruned layers (channel_pruning.py), kept by save_model
-RECIPE_ATTR = "nas_grouping_recipe"
-
-_EXPORTABLE: dict[str, tuple[type, Callable[[nn.Module], dict], Callable[[dict], nn.Module]]] = {}
-
-
-def register_exportable(cls: type, to_config: Callable[[nn.Module], dict] | None = None,
-                        from_config: Callable[[dict], nn.Module] | None = None) -> type:
-    """Let ``save_model``/``load_model`` record and rebuild layers of ``cls`` by name."""
-    name = cls.__name__
-    if name in _EXPORTABLE and _EXPORTABLE[name][0] is not cls:
-        raise ExportError(f"an exportable layer named {name!r} is registered already")
-    _EXPORTABLE[name] = (cls, to_config or (lambda m: m.to_config()), from_config or cls.from_config)
-    return cls
-
-
-register_exportable(nn.Conv2d, conv_config, conv_from_config)
-register_exportable(PermutedGroupConv2d)
-register_exportable(DiverseGroupConv2d)
-register_exportable(DiverseGroupLinear)
 
 
 def _group_ids(num_channels: int, r: int, off_bits: list[int], k: int) -> torch.Tensor:
@@ -109,27 +88,9 @@ def export_layer(layer: DGConv2d) -> nn.Module:
     return new
 
 
-def _layer_records(model: nn.Module) -> dict[str, dict[str, Any]]:
-    return getattr(model, LAYERS_ATTR, None) or {}
-
-
-def _record(model: nn.Module, name: str, layer: nn.Module) -> None:
-    """Remember that ``name`` was replaced by ``layer`` (used by save_model)."""
-    records = dict(_layer_records(model))
-    cls_name = type(layer).__name__
-    if cls_name not in _EXPORTABLE:
-        raise ExportError(f"{cls_name} at {name!r} is not a registered exportable layer (register_exportable)")
-    records[name] = {"type": cls_name, "config": _EXPORTABLE[cls_name][1](layer)}
-    setattr(model, LAYERS_ATTR, records)
-    widths = getattr(model, WIDTHS_ATTR, None)
-    if widths and name in widths:  # the record now says what the layer is
-        setattr(model, WIDTHS_ATTR, {k: v for k, v in widths.items() if k != name})
-
-
 def replace_layer(model: nn.Module, name: str, layer: nn.Module) -> None:
-    """Put ``layer`` at ``name`` and record it for ``save_model``."""
-    _set_submodule(model, name, layer)
-    _record(model, name, layer)
+    """Put ``layer`` at ``name`` (``save_model`` finds it by comparing with the base network)."""
+    set_submodule(model, name, layer)
 
 
 def export_model(model: nn.Module, *, inplace: bool = False, fold: bool = True) -> nn.Module:
@@ -163,8 +124,12 @@ def export_model(model: nn.Module, *, inplace: bool = False, fold: bool = True) 
 # ---------------------------------------------------------------- save / load
 
 def save_model(model: nn.Module, path: str | os.PathLike, *, recipe: dict[str, Any] | None = None,
-               extra: dict[str, Any] | None = None) -> Path:
+               extra: dict[str, Any] | None = None, builder: Callable[..., nn.Module] | None = None) -> Path:
     """Save ``model`` as ``path/weights.pt`` + ``path/architecture.json``; returns the folder.
+
+    The architecture records every layer that differs from the base network the recipe
+    builds (``builder``, as given to ``load_model``, for a recipe that names no space);
+    without a base to compare with, every conv, norm and linear layer is recorded.
 
     Args:
         recipe: how to build the base network: ``{"space": name, "kwargs": {...}}`` for a
@@ -172,6 +137,7 @@ def save_model(model: nn.Module, path: str | os.PathLike, *, recipe: dict[str, A
             that the ``builder`` given to ``load_model`` accepts as ``kwargs``. Defaults
             to the recipe recorded on models built by ``get_space``.
         extra: JSON-serialisable facts to keep beside the architecture (MACs, accuracy...).
+        builder: builds the base network from the recipe's kwargs (as ``load_model``'s).
     """
     if any(isinstance(m, DGConv2d) for m in model.modules()):
         raise ExportError("save_model stores exported models: call export_model(model) first")
@@ -181,13 +147,15 @@ def save_model(model: nn.Module, path: str | os.PathLike, *, recipe: dict[str, A
             "the model carries no recipe (it was not built by search_spaces.get_space): pass "
             "recipe={'kwargs': {...}} and give load_model the builder, e.g. load_model(path, builder=MyNet)"
         )
+    base = _build_base(recipe, builder, where="save_model")
+    layers, widths = architecture_records(model, base)
     folder = Path(path)
     folder.mkdir(parents=True, exist_ok=True)
     arch = {
         "format": FORMAT_VERSION,
         "recipe": recipe,
-        "layers": _layer_records(model),
-        "widths": getattr(model, WIDTHS_ATTR, None) or {},
+        "layers": layers,
+        "widths": widths,
         "layout": getattr(model, LAYOUT_ATTR, "nchw"),
         "torch": torch.__version__,
         "extra": extra or {},
@@ -232,26 +200,15 @@ def load_model(path: str | os.PathLike, *, builder: Callable[..., nn.Module] | N
     """
     arch = read_architecture(path)
     recipe = arch["recipe"]
-    kwargs = dict(recipe.get("kwargs", {}))
-    if builder is not None:
-        try:
-            model = builder(**kwargs)
-        except TypeError as exc:
-            raise ExportError(
-                f"{path}: builder {getattr(builder, '__qualname__', builder)!r} does not accept the saved recipe's "
-                f"arguments {kwargs}: {exc}"
-            ) from exc
-    elif "space" in recipe:
-        from search_spaces import get_space
-
-        model = get_space(recipe["space"], **{**kwargs, "dense": True})
-    else:
+    model = _build_base(recipe, builder, where=str(path))
+    if model is None:
         raise ExportError(f"{path}: the recipe names no search space; pass builder= to load_model")
     for name, rec in arch["layers"].items():
         if not isinstance(rec, dict) or "type" not in rec or "config" not in rec:
             raise ExportError(f"{path}: layer {name!r} in architecture.json has no 'type' and 'config'; the file is "
                               "damaged or from another version")
-        if rec["type"] not in _EXPORTABLE:
+        entry = exportable(rec["type"]) if isinstance(rec["type"], str) else None
+        if entry is None:
             raise ExportError(
                 f"{path}: layer {name!r} has type {rec['type']!r}, which is not registered; "
                 "import the module that defines it before loading"
@@ -261,15 +218,13 @@ def load_model(path: str | os.PathLike, *, builder: Callable[..., nn.Module] | N
         except AttributeError:
             raise ExportError(f"{path}: the rebuilt base network has no layer {name!r}; wrong builder?") from None
         try:
-            layer = _EXPORTABLE[rec["type"]][2](rec["config"])
+            layer = entry[2](rec["config"])
         except (KeyError, TypeError, ValueError, RuntimeError) as exc:
             raise ExportError(f"{path}: layer {name!r}'s saved config {rec.get('config')!r} cannot rebuild a "
                               f"{rec['type']} ({type(exc).__name__}: {exc}); architecture.json is damaged or from "
                               "another version") from None
         replace_layer(model, name, layer)
-    if arch.get("widths"):  # layers of the base network narrowed by channel pruning (recorded ones are not here)
-        from nas_grouping.channels.pruning import set_widths
-
+    if arch.get("widths"):  # norm and linear layers of the base network narrowed by channel pruning
         set_widths(model, arch["widths"])
     file = Path(path) / "weights.pt"
     try:
@@ -291,3 +246,14 @@ def load_model(path: str | os.PathLike, *, builder: Callable[..., nn.Module] | N
         model = model.to(memory_format=torch.channels_last)
     setattr(model, LAYOUT_ATTR, arch.get("layout", "nchw"))
     return model.eval()
+
+
+def _build_base(recipe: Any, builder: Callable[..., nn.Module] | None, *, where: str) -> nn.Module | None:
+    try:
+        return base_model(recipe, builder)
+    except TypeError as exc:
+        if builder is None:
+            raise
+        kwargs = recipe.get("kwargs", {}) if isinstance(recipe, dict) else {}
+        raise ExportError(f"{where}: builder {getattr(builder, '__qualname__', builder)!r} does not accept the saved "
+                          f"recipe's arguments {kwargs}: {exc}") from exc

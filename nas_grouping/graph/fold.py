@@ -193,15 +193,4 @@ def fold_permutations(model: nn.Module, *, inplace: bool = False) -> nn.Module:
         for node, layer in layers:
             if layer.out_index is not None:
                 _fold_into_consumer(g, node, layer)
-    _rerecord(target, {id(layer) for _, layer in layers})
     return target
-
-
-def _rerecord(model: nn.Module, changed: set[int]) -> None:
-    """Refresh the saved-architecture records of the layers whose permutations changed."""
-    from nas_grouping.export.model import LAYERS_ATTR, replace_layer
-
-    for name in list(getattr(model, LAYERS_ATTR, None) or {}):
-        layer = model.get_submodule(name)
-        if id(layer) in changed:
-            replace_layer(model, name, layer)

@@ -33,7 +33,8 @@ from nas_grouping.files import atomic_write
 from nas_grouping.latency.timer import enough_repeats, freed_memory_kept, keep_freed_memory, median_ms, sample_ms
 from nas_grouping.convert import dgconv_layers
 from nas_grouping.errors import BudgetError, ConfigError
-from nas_grouping.export.model import LAYERS_ATTR, LAYOUT_ATTR, export_model, replace_layer
+from nas_grouping.export.model import export_model, replace_layer
+from nas_grouping.export.records import LAYOUT_ATTR, records_of
 from nas_grouping.macs import check_input_size
 from nas_grouping.ops.dgconv import DGConv2d
 from nas_grouping.ops.group_conv import PermutedGroupConv2d
@@ -137,8 +138,8 @@ def _with_forms(layer: nn.Module) -> tuple[nn.Module, tuple[str, ...]] | None:
 
 
 def _exported_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """Layers whose form can be chosen: the exported layers recorded for saving."""
-    records = getattr(model, LAYERS_ATTR, None) or {}
+    """Layers whose form can be chosen: the layers that differ from the base network (what ``save_model`` records)."""
+    records, _ = records_of(model)
     return [(name, model.get_submodule(name)) for name in records
             if _with_forms(model.get_submodule(name)) is not None]
 
@@ -194,7 +195,7 @@ def choose_fastest_forms(model: nn.Module, input_size: Sequence[int], *, batch: 
                                       getattr(candidate, "groups", None), tuple) else len(candidate.groups)}
         if candidate is layer or best != "grouped" or not isinstance(candidate, PermutedGroupConv2d):
             candidate.form = best
-            replace_layer(target, name, candidate)  # (re-)record the chosen form
+            replace_layer(target, name, candidate)
     setattr(target, LAYOUT_ATTR, layout)
     return target, report
 

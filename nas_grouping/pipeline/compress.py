@@ -36,7 +36,8 @@ from nas_grouping.config import CompressConfig, SelfGroupingConfig, check_same_s
 from nas_grouping.data import load_datasets
 from nas_grouping.errors import ConfigError, ExportError
 from nas_grouping.self_grouping.latency import profile_self_grouping
-from nas_grouping.export.model import RECIPE_ATTR, load_model, save_model
+from nas_grouping.export.model import load_model, save_model
+from nas_grouping.export.records import RECIPE_ATTR
 from nas_grouping.latency.measure import LAYOUTS, LatencyTable, MeasuredLatency, choose_fastest_forms, parse_latency_budget, sample_models
 from nas_grouping.latency.layers import WHOLE, layer_latency, summary_from_layers, write_layer_latency
 from nas_grouping.macs import count_macs, count_parameters, layer_macs

@@ -17,7 +17,7 @@ from typing import Any, Sequence
 import torch
 from torch import Tensor, nn
 
-from nas_grouping.convert import _set_submodule, dgconv_layers
+from nas_grouping.convert import set_submodule, dgconv_layers
 from nas_grouping.errors import ConfigError
 from nas_grouping.ops.dgconv import DGConv2d
 from nas_grouping.integrations.nni.compat import require_nni
@@ -124,7 +124,7 @@ class DGConvModelSpace(ModelSpace):
         self.candidates = [_candidate_name(c) for c in candidates]
         self.sampling = sampling
         for name, layer in layers:
-            _set_submodule(net, name, self._searchable(name, layer, candidates, sampling))
+            set_submodule(net, name, self._searchable(name, layer, candidates, sampling))
         self.network = net
 
     @staticmethod
