@@ -4,8 +4,8 @@ Each subclass also inherits the builtin that fits (ValueError, FileNotFoundError
 ImportError), so callers that catch builtins keep working.
 """
 
-__all__ = ["is_out_of_memory", "NasGroupingError", "ConfigError", "BudgetError", "DataError", "ExportError", "MissingDependencyError",
-           "WorkerError"]
+__all__ = ["is_out_of_memory", "NasGroupingError", "ConfigError", "RunExistsError", "BudgetError", "DataError",
+           "ExportError", "MissingDependencyError", "WorkerError"]
 
 
 class NasGroupingError(Exception):
@@ -14,6 +14,11 @@ class NasGroupingError(Exception):
 
 class ConfigError(NasGroupingError, ValueError):
     """A setting or argument that cannot work (wrong shape, range, type)."""
+
+
+class RunExistsError(ConfigError):
+    """The output folder already holds a run and resuming was not asked for (a tuning study must not
+    treat it as a bad sample of knobs: every later trial would meet the same folder)."""
 
 
 class BudgetError(NasGroupingError, ValueError):

@@ -17,6 +17,7 @@ from nas_grouping import (
     export_model, load_model, save_model, self_group,
 )
 from nas_grouping.self_grouping._cluster import balance_labels, centroid_prune, kmeans_labels, taylor_importance
+from nas_grouping.errors import RunExistsError
 from nas_grouping.self_grouping._layers import Prunable
 from nas_grouping.specs import list_cluster_rules, parse_clusters, resolve_clusters
 from nas_grouping.data import DataConfig, load_datasets
@@ -510,7 +511,7 @@ def test_interrupted_run_resumes_to_the_same_result(digits, tmp_path, monkeypatc
     with pytest.raises(KeyboardInterrupt):
         SelfGrouping(cfg).run(model, digits, batch_size=128, out=tmp_path / "b")
     monkeypatch.setattr(finetune_mod, "train_epoch", real)
-    with pytest.raises(ConfigError, match="already holds a run"):
+    with pytest.raises(RunExistsError, match="already holds a run"):  # a ConfigError, caught by type in tune
         SelfGrouping(cfg).run(model, digits, batch_size=128, out=tmp_path / "b")
     with pytest.raises(ConfigError, match="other self-grouping settings"):
         SelfGrouping(_cfg(steps=2, epochs=3)).run(model, digits, batch_size=128, out=tmp_path / "b", resume=True)

@@ -34,7 +34,7 @@ from nas_grouping.budget import MacBudget
 from nas_grouping.channels.pruning import ChannelPruning
 from nas_grouping.config import CompressConfig, SelfGroupingConfig, check_same_settings, config_to_dict, with_defaults
 from nas_grouping.data import load_datasets
-from nas_grouping.errors import ConfigError, ExportError
+from nas_grouping.errors import ConfigError, ExportError, RunExistsError
 from nas_grouping.self_grouping.latency import profile_self_grouping
 from nas_grouping.export.model import load_model, save_model
 from nas_grouping.export.records import RECIPE_ATTR
@@ -394,7 +394,7 @@ def compress(cfg: CompressConfig, *, resume: bool = False) -> CompressResult:
             raise ConfigError(f"no checkpoint in {out.resolve()}: nothing to resume; run without --resume")
         _check_resume(out, cfg)
     elif (out / "checkpoint.pt").exists():
-        raise ConfigError(f"{out} already holds a run; pass --resume to continue it, or choose another --out")
+        raise RunExistsError(f"{out} already holds a run; pass --resume to continue it, or choose another --out")
     narrowed, grouping, channels = _prune_channels(cfg, original, input_size, rt, out, resume)
     sg = SelfGrouping(grouping)
     table = _latency_table(grouping, narrowed, input_size, rt, out, resume)

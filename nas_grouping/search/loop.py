@@ -29,7 +29,7 @@ from nas_grouping.budget import MacBudget, ModelCost, make_regularizer
 from nas_grouping.config import SearchConfig, check_same_settings, config_from_dict, config_to_dict
 from nas_grouping.convert import arch_parameters, dgconv_layers, weight_parameters
 from nas_grouping.data import load_datasets, split_dataset
-from nas_grouping.errors import BudgetError, ConfigError
+from nas_grouping.errors import BudgetError, ConfigError, RunExistsError
 from nas_grouping.export.model import export_model, save_model
 from nas_grouping.macs import count_macs, count_parameters
 from nas_grouping.runtime import Runtime, setup_runtime, unwrap
@@ -469,7 +469,7 @@ def search(cfg: SearchConfig, *, resume: bool = False,
         problem = f"{out} already holds a run; pass --resume to continue it, or choose another --out"
     problem = rt.broadcast(problem)  # every rank raises, none waits at a barrier
     if problem:
-        raise ConfigError(problem)
+        raise RunExistsError(problem)
     if resume:
         ckpt = load_checkpoint(out / CHECKPOINT)
         _check_resume(ckpt["config"], cfg)

@@ -22,7 +22,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from nas_grouping.config import config_to_dict
-from nas_grouping.errors import ConfigError
+from nas_grouping.errors import ConfigError, RunExistsError
 from nas_grouping.export.model import replace_layer
 from nas_grouping.macs import count_macs
 from nas_grouping.ops.diverse_group import DiverseGroupConv2d, DiverseGroupLinear
@@ -112,7 +112,7 @@ def run_schedule(sg: "SelfGrouping", model: nn.Module, data: "Datasets", *, batc
         problem = f"{folder} already holds a run; pass resume=True (--resume) to continue it, or choose another out"
     problem = rt.broadcast(problem)
     if problem:
-        raise ConfigError(problem)
+        raise RunExistsError(problem)
     if resume and ckpt_path is None:
         raise ConfigError("resume=True needs out= (the folder holding the checkpoint)")
 

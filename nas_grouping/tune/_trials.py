@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from nas_grouping.config import CompressConfig, SearchConfig
-from nas_grouping.errors import ConfigError, ExportError
+from nas_grouping.errors import ConfigError, ExportError, RunExistsError
 from nas_grouping.tune._knobs import BUDGET, SHARE, Knob, apply_knobs, project_shares, share_param
 
 __all__ = ["TrialContext", "make_objective", "CONSTRAINT", "LATENCY_CONSTRAINT", "trial_dir_name", "model_latency_ms"]
@@ -270,9 +270,9 @@ def make_objective(ctx: TrialContext) -> Callable[[Any], float | tuple[float, fl
         trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
         try:
             return run(ctx, trial, params, run_dir, started)
+        except RunExistsError:  # the trial's folder holds a run: every later trial would meet it too
+            raise
         except ConfigError as exc:  # a combination of knobs the job rejects: a bad sample, not a bad study
-            if "already holds a run" in str(exc):
-                raise
             trial.set_user_attr("invalid", str(exc))
             _skip(ctx, trial, f"invalid combination of knobs: {exc}")
             raise  # unreachable: _skip raises
