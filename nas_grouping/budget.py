@@ -4,13 +4,14 @@ A budget is one object: absolute MACs or a fraction of the dense model.
 ``ModelCost`` turns a model with DGConv2d layers into a differentiable expected
 cost in real MACs (connections x kernel taps x output positions), so the
 regularizer acts on what a FLOP budget means, not on the paper's connection
-count. Two regularizers: the paper's multiplicative form and an additive penalty.
+count. Two regularizers: the paper's multiplicative form and an additive penalty; ``register_regularizer``
+adds more by name (configs accept every registered name), and ``make_regularizer`` also takes an object.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -20,8 +21,8 @@ from nas_grouping.errors import BudgetError, ConfigError
 from nas_grouping.macs import layer_macs
 from nas_grouping.ops.dgconv import DGConv2d
 
-__all__ = ["MacBudget", "ModelCost", "MultiplicativeRegularizer", "AdditiveRegularizer", "make_regularizer",
-           "groups_at_budget"]
+__all__ = ["MacBudget", "ModelCost", "Regularizer", "REGULARIZERS", "register_regularizer", "MultiplicativeRegularizer",
+           "AdditiveRegularizer", "make_regularizer", "groups_at_budget"]
 
 
 @dataclass(frozen=True)
@@ -137,6 +138,25 @@ class ModelCost:
             )
 
 
+def parse_latency_budget(text: str | float, dense_ms: float) -> float:
+    """``"2.5ms"`` -> 2.5 ms; ``0.5`` or ``"0.5"`` -> half the dense model's latency."""
+    t = str(text).strip().lower()
+    try:
+        if t.endswith("ms"):
+            value = float(t[:-2])
+        else:
+            fraction = float(t)
+            if not 0 < fraction <= 1:
+                raise ValueError
+            value = fraction * dense_ms
+    except ValueError:
+        raise ConfigError(f"latency budget {text!r}: expected milliseconds such as 2.5ms or a fraction "
+                          "of the dense latency in (0, 1] such as 0.5") from None
+    if value <= 0:
+        raise ConfigError(f"latency budget {text!r} must be > 0")
+    return value
+
+
 def groups_at_budget(model: nn.Module, input_size: Sequence[int], budget: float | int,
                      max_combinations: int = 200_000) -> dict[str, int]:
     """Near-uniform contiguous groups per DGConv layer whose MACs come closest to ``budget`` without passing it.
@@ -198,6 +218,36 @@ def groups_at_budget(model: nn.Module, input_size: Sequence[int], budget: float 
     return {name: layer.learned_groups for name, layer, _ in layers}
 
 
+#: A regularizer: (task loss, differentiable expected MACs, budget in MACs) -> the loss to minimise.
+Regularizer = Callable[[Tensor, Tensor, int], Tensor]
+
+#: Regularizers by the name a config gives (``SearchConfig.regularizer``): name -> class built as ``cls(strength)``.
+REGULARIZERS: dict[str, Callable[[float], Regularizer]] = {}
+
+
+def register_regularizer(name: str) -> Callable[[type], type]:
+    """Class decorator: make ``name`` a regularizer that configs and :func:`make_regularizer` accept.
+
+    The class is built as ``cls(strength)`` and called as ``reg(task_loss, cost, budget_macs)``.
+    """
+    def register(cls: type) -> type:
+        REGULARIZERS[name] = cls
+        return cls
+    return register
+
+
+@register_regularizer("additive")
+@dataclass(frozen=True)
+class AdditiveRegularizer:
+    """loss + strength x relu(cost / budget - 1): pressure that does not fade as the loss falls."""
+
+    strength: float = 2.0
+
+    def __call__(self, task_loss: Tensor, cost: Tensor, budget_macs: int) -> Tensor:
+        return task_loss + self.strength * torch.relu(cost / budget_macs - 1)
+
+
+@register_regularizer("multiplicative")
 @dataclass(frozen=True)
 class MultiplicativeRegularizer:
     """The paper's form: loss x (cost / budget)^exponent while over budget, loss otherwise.
@@ -213,22 +263,23 @@ class MultiplicativeRegularizer:
         return task_loss * factor
 
 
-@dataclass(frozen=True)
-class AdditiveRegularizer:
-    """loss + strength x relu(cost / budget - 1): pressure that does not fade as the loss falls."""
+def make_regularizer(kind: str | Regularizer, strength: float | None = None) -> Regularizer:
+    """The regularizer ``kind`` names, built with ``strength`` (``"additive"``: lambda; ``"multiplicative"``:
+    the exponent; None: the class's default), or ``kind`` itself when it is already a regularizer object
+    (any callable ``(task_loss, cost, budget_macs) -> loss``; ``strength`` is then not used).
 
-    strength: float = 2.0
-
-    def __call__(self, task_loss: Tensor, cost: Tensor, budget_macs: int) -> Tensor:
-        return task_loss + self.strength * torch.relu(cost / budget_macs - 1)
-
-
-def make_regularizer(kind: str, strength: float) -> MultiplicativeRegularizer | AdditiveRegularizer:
-    """``"additive"`` (strength = lambda) or ``"multiplicative"`` (strength = exponent)."""
+    Raises:
+        ConfigError: an unknown name (the message lists the known ones), or a strength that is not > 0.
+    """
+    if not isinstance(kind, str):
+        if not callable(kind):
+            raise ConfigError(f"regularizer: expected a name ({', '.join(REGULARIZERS)}) or a callable "
+                              f"(task_loss, cost, budget_macs) -> loss, got {kind!r}")
+        return kind
+    if kind not in REGULARIZERS:
+        raise ConfigError(f"unknown regularizer {kind!r}: expected one of {', '.join(map(repr, REGULARIZERS))}")
+    if strength is None:
+        return REGULARIZERS[kind]()
     if strength <= 0:
         raise ConfigError(f"regularizer strength must be > 0, got {strength}")
-    if kind == "additive":
-        return AdditiveRegularizer(strength)
-    if kind == "multiplicative":
-        return MultiplicativeRegularizer(strength)
-    raise ConfigError(f"unknown regularizer {kind!r}: expected 'additive' or 'multiplicative'")
+    return REGULARIZERS[kind](strength)

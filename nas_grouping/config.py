@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, TypeVar, get_type_hints
 
 from nas_grouping.files import read_config_file
+from nas_grouping.budget import REGULARIZERS
 from nas_grouping.data import DataConfig
 from nas_grouping.errors import ConfigError
 from nas_grouping.protocols import apply_protocol_defaults, merge_protocol
@@ -48,7 +49,7 @@ class SearchConfig:
     budget: float = _f(0.5, "MAC budget: a fraction of the dense model (<= 1) or MACs per sample (> 1, e.g. 12M)",
                        raw=True)
     regularizer: str = _f("additive", "resource regularizer: additive (loss + s*relu(c/b-1)) or multiplicative "
-                          "(loss*(c/b)^s, the paper's form)", choices=("additive", "multiplicative"))
+                          "(loss*(c/b)^s, the paper's form)", choices=REGULARIZERS)
     reg_strength: float = _f(0.5, "regularizer strength s (lambda for additive, exponent for multiplicative)")
     epochs: int = _f(15, "search epochs (warm-up included), after which the gates are frozen")
     warmup_epochs: int = _f(3, "epochs that train weights only before the gates move")
@@ -128,8 +129,8 @@ class SearchConfig:
             raise ConfigError("latency_measured makes a latency budget hold when measured: give --latency-budget too")
         if self.gate_optimizer not in ("adam", "sgd"):
             raise ConfigError(f"gate_optimizer must be adam or sgd, got {self.gate_optimizer!r}")
-        if self.regularizer not in ("additive", "multiplicative"):
-            raise ConfigError(f"regularizer must be additive or multiplicative, got {self.regularizer!r}")
+        if self.regularizer not in REGULARIZERS:
+            raise ConfigError(f"regularizer must be one of {', '.join(REGULARIZERS)}, got {self.regularizer!r}")
         if self.precision not in ("32", "bf16", "16"):
             raise ConfigError(f"precision must be 32, bf16 or 16, got {self.precision!r}")
         if not isinstance(self.space_kwargs, dict):

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import argparse
 import itertools
 import json
+from dataclasses import dataclass
 
 import pytest
 import torch
@@ -11,7 +13,8 @@ from torch import nn
 
 from nas_grouping import BudgetError, ConfigError, count_macs, dgconv_layers
 from nas_grouping.config import config_from_dict
-from nas_grouping.budget import AdditiveRegularizer, MacBudget, ModelCost, MultiplicativeRegularizer, make_regularizer
+from nas_grouping.budget import (REGULARIZERS, AdditiveRegularizer, MacBudget, ModelCost, MultiplicativeRegularizer,
+                                 make_regularizer, register_regularizer)
 from nas_grouping.runtime import setup_runtime
 from nas_grouping.search.loop import project_to_budget
 from search_spaces import get_space
@@ -103,6 +106,48 @@ def test_make_regularizer_validates():
         make_regularizer("quadratic", 1.0)
     with pytest.raises(ConfigError):
         make_regularizer("additive", 0.0)
+
+
+def test_make_regularizer_takes_an_object_as_it_is():
+    reg = MultiplicativeRegularizer(0.3)
+    assert make_regularizer(reg, 5.0) is reg, "an object is used as it is (the strength is not read)"
+    task, cost = torch.tensor(0.7), torch.tensor(250.0)
+    assert torch.equal(make_regularizer("multiplicative", 0.3)(task, cost, 100), reg(task, cost, 100))
+    custom = lambda task_loss, cost, budget_macs: task_loss + cost / budget_macs  # noqa: E731 - any callable
+    assert make_regularizer(custom) is custom
+    assert make_regularizer("additive") == AdditiveRegularizer(), "no strength: the class's default"
+    with pytest.raises(ConfigError, match="additive.*multiplicative") as info:
+        make_regularizer("quadratic", 1.0)
+    assert "\n" not in str(info.value)
+    with pytest.raises(ConfigError, match="callable"):
+        make_regularizer(3, 1.0)
+
+
+def test_a_registered_regularizer_is_valid_in_the_config_and_on_the_command_line():
+    from nas_grouping.config import SearchConfig, add_config_arguments
+
+    with pytest.raises(ConfigError, match="regularizer must be one of additive, multiplicative, got 'quadratic'"):
+        SearchConfig(regularizer="quadratic")
+
+    @register_regularizer("quadratic")
+    @dataclass(frozen=True)
+    class QuadraticRegularizer:
+        strength: float = 1.0
+
+        def __call__(self, task_loss, cost, budget_macs):
+            return task_loss + self.strength * torch.relu(cost / budget_macs - 1) ** 2
+
+    try:
+        cfg = SearchConfig(regularizer="quadratic", reg_strength=2.0)
+        reg = make_regularizer(cfg.regularizer, cfg.reg_strength)
+        assert reg == QuadraticRegularizer(2.0)
+        assert float(reg(torch.tensor(1.0), torch.tensor(300.0), 100)) == pytest.approx(9.0)
+        parser = argparse.ArgumentParser()
+        add_config_arguments(parser, SearchConfig)
+        assert parser.parse_args(["--regularizer", "quadratic"]).regularizer == "quadratic"
+    finally:
+        del REGULARIZERS["quadratic"]
+    assert list(REGULARIZERS) == ["additive", "multiplicative"]
 
 
 @pytest.mark.parametrize("fraction", [0.3, 0.6, 0.9])
