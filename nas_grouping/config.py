@@ -21,6 +21,7 @@ from nas_grouping.budget import REGULARIZERS
 from nas_grouping.data import DataConfig
 from nas_grouping.errors import ConfigError
 from nas_grouping.protocols import apply_protocol_defaults, merge_protocol
+from nas_grouping.self_grouping.importance import IMPORTANCES
 
 __all__ = ["SearchConfig", "SelfGroupingConfig", "CompressConfig", "TuneConfig", "config_to_dict", "config_from_dict",
            "read_config_file", "check_same_settings", "add_config_arguments", "config_from_args"]
@@ -350,7 +351,7 @@ class SelfGroupingConfig:
                                 "measured latency, and each try of the table's fractions is built (magnitude "
                                 "importance), measured on this machine and corrected (latency.meet_measured_budget)")
     importance: str = _f("magnitude", "importance of a connection: magnitude (L1 of its kernel, as the paper's code) "
-                         "or taylor (|sum W dL/dW| over calibration batches)", choices=("magnitude", "taylor"))
+                         "or taylor (|sum W dL/dW| over calibration batches)", choices=IMPORTANCES)
     calibration_batches: int = _f(4, "training batches that estimate the taylor importance")
     exclude: Any = _f([], "module-name patterns to leave alone, e.g. 'layer4.*,fc' (JSON list or comma-separated)")
     skip_first: bool = _f(True, "leave the first layer (the one reading the model input) alone")
@@ -423,8 +424,8 @@ class SelfGroupingConfig:
                               f"{self.momentum}")
         if self.finetune not in _FINETUNE_SCHEMES:
             raise ConfigError(f"finetune must be one of {', '.join(_FINETUNE_SCHEMES)}, got {self.finetune!r}")
-        if self.importance not in ("magnitude", "taylor"):
-            raise ConfigError(f"importance must be magnitude or taylor, got {self.importance!r}")
+        if self.importance not in IMPORTANCES:
+            raise ConfigError(f"importance must be one of {', '.join(IMPORTANCES)}, got {self.importance!r}")
         if self.kmeans_init not in ("k-means++", "random"):
             raise ConfigError(f"kmeans_init must be k-means++ or random, got {self.kmeans_init!r}")
         if self.cluster_sizes not in ("free", "equal"):

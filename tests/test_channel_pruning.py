@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from nas_grouping.channels.importance import ChannelImportance, L1Importance
 from nas_grouping.channels.pruning import ChannelPruning, prune_channels
 from nas_grouping.errors import BudgetError, ConfigError
 from nas_grouping.export.records import records_of
@@ -483,6 +484,27 @@ def test_prune_channels():
     assert count_macs(small, (3, 8, 8)) <= budget
     assert small.conv1.out_channels % 2 == 0 and small.conv1.out_channels < 8
     assert small(torch.randn(2, 3, 8, 8)).shape == (2, 5)
+
+
+def test_importance_object_defaults_to_l1_and_replaces_it():
+    torch.manual_seed(15)
+    model = randomize_bn(Plain()).eval()
+    default = ChannelPruning(model, (3, 8, 8))
+    assert isinstance(default.importance, L1Importance)
+    by_name, by_object = default.prune(0.5), ChannelPruning(model, (3, 8, 8), importance=L1Importance()).prune(0.5)
+    assert all(torch.equal(a, b) for a, b in zip(by_name.state_dict().values(), by_object.state_dict().values()))
+
+    class LastFirst(ChannelImportance):
+        """Keeps the last channels of every set."""
+
+        def __call__(self, model, s):
+            return torch.arange(s.channels, dtype=torch.float)
+
+    for pruned in (ChannelPruning(model, (3, 8, 8), importance=LastFirst()).prune(0.5),
+                   prune_channels(model, (3, 8, 8), ratio=0.5, importance=LastFirst())):
+        assert torch.equal(pruned.conv1.weight, model.conv1.weight[4:])
+        assert torch.equal(pruned.conv2.weight, model.conv2.weight[4:, 4:])
+        assert pruned(torch.randn(2, 3, 8, 8)).shape == (2, 5)
 
 
 def wide() -> nn.Module:

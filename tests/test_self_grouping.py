@@ -19,6 +19,8 @@ from nas_grouping import (
 from nas_grouping.self_grouping._cluster import balance_labels, centroid_prune, kmeans_labels, taylor_importance
 from nas_grouping.errors import RunExistsError
 from nas_grouping.self_grouping._layers import Prunable
+from nas_grouping.self_grouping.importance import (IMPORTANCES, Importance, MagnitudeImportance, TaylorImportance,
+                                                   register_importance)
 from nas_grouping.specs import list_cluster_rules, parse_clusters, resolve_clusters
 from nas_grouping.data import DataConfig, load_datasets
 from nas_grouping.ops.diverse_group import DiverseGroupConv2d, DiverseGroupLinear
@@ -298,6 +300,69 @@ def test_taylor_importance_is_mean_abs_first_order_term():
         SelfGrouping(importance="taylor", **FAST).apply(model, SIZE)
     out = SelfGrouping(importance="taylor", fraction=0.5, clusters=2, **FAST).apply(model, SIZE, calibration=batches)
     assert isinstance(out.conv2, DiverseGroupConv2d)
+
+
+def _same_model(a: nn.Module, b: nn.Module) -> None:
+    assert [o.__dict__ for o in grouping_outcomes(a)] == [o.__dict__ for o in grouping_outcomes(b)]
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_importance_objects_give_what_their_names_give():
+    model = PlainNet(width=4).eval()
+    batches = [(torch.randn(5, *SIZE), torch.randint(0, 7, (5,))) for _ in range(2)]
+    settings = dict(fraction=0.5, clusters=2, seed=3, **FAST)
+    by_object = SelfGrouping(importance=MagnitudeImportance(), **settings)
+    assert by_object.config.importance == "magnitude", "the config names a registered object's name"
+    _same_model(SelfGrouping(**settings).apply(model, SIZE), by_object.apply(model, SIZE))
+    taylor = SelfGrouping(SelfGroupingConfig(**settings), importance=TaylorImportance())
+    assert taylor.config.importance == "taylor" and taylor.importance.needs_calibration
+    _same_model(SelfGrouping(importance="taylor", **settings).apply(model, SIZE, calibration=batches),
+                taylor.apply(model, SIZE, calibration=batches))
+    with pytest.raises(ConfigError, match="calibration"):
+        taylor.apply(model, SIZE)
+
+
+def test_a_custom_importance_object_scores_the_connections():
+    class SmallestFirst(Importance):
+        """The opposite of magnitude: keeps the weakest connections."""
+
+        def __call__(self, model, layers, calibration=None):
+            return {name: -score for name, score in MagnitudeImportance()(model, layers).items()}
+
+    model = PlainNet(width=4).eval()
+    sg = SelfGrouping(importance=SmallestFirst(), fraction=0.5, clusters=1, **FAST)
+    assert sg.config.importance == "magnitude", "an unregistered object leaves the config as it was"
+    out = sg.apply(model, SIZE)
+    scores = MagnitudeImportance()(model, [Prunable("conv1", model.conv1)])["conv1"]
+    weakest = set(np.argsort(scores.sum(0))[:2].tolist())  # the input channels of the least summed magnitude
+    kept = Prunable("conv1", out.conv1).mask().numpy().astype(bool)
+    assert {i for i in range(4) if kept[:, i].all()} == weakest and kept.sum() == 8, \
+        "one cluster keeps the weakest half of the input channels"
+
+
+def test_an_unknown_importance_is_one_line_and_a_registered_one_is_valid():
+    with pytest.raises(ConfigError, match="importance must be one of magnitude, taylor, got 'inverse'") as info:
+        SelfGroupingConfig(importance="inverse")
+    assert "\n" not in str(info.value)
+    with pytest.raises(ConfigError, match="magnitude, taylor"):
+        SelfGrouping(importance="inverse")
+
+    @register_importance("inverse")
+    class InverseImportance(Importance):
+        def __call__(self, model, layers, calibration=None):
+            return {name: 1 / (1 + s) for name, s in MagnitudeImportance()(model, layers).items()}
+
+    try:
+        assert SelfGroupingConfig(importance="inverse").importance == "inverse"
+        sg = SelfGrouping(importance="inverse", fraction=0.5, clusters=2, **FAST)
+        assert isinstance(sg.importance, InverseImportance) and InverseImportance.name == "inverse"
+        model = PlainNet(width=4).eval()
+        _same_model(sg.apply(model, SIZE), SelfGrouping(importance=InverseImportance(), fraction=0.5, clusters=2,
+                                                        **FAST).apply(model, SIZE))
+    finally:
+        del IMPORTANCES["inverse"]
+    assert list(IMPORTANCES) == ["magnitude", "taylor"]
 
 
 # ---------------------------------------------------------------- budgets

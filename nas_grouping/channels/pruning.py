@@ -25,6 +25,7 @@ import torch
 from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
+from nas_grouping.channels.importance import ChannelImportance, L1Importance
 from nas_grouping.errors import BudgetError, ConfigError, ExportError
 from nas_grouping.export.records import NORMS, set_widths
 from nas_grouping.graph.fold import _PER_CHANNEL_FUNCTIONS, _PER_CHANNEL_METHODS, _PER_CHANNEL_MODULES, _Tracer
@@ -123,15 +124,19 @@ class ChannelPruning:
 
     ``input_size`` is one sample's (C, H, W). ``ignore`` names modules whose output channels
     stay (their inputs may still shrink); ``round_to`` keeps channel counts multiples of it
-    (8 or 16 leave powers of two for DGConv to group). The model is traced once; ``prune``
-    returns a pruned copy, ``prune_to_budget`` the largest share within a MAC budget.
+    (8 or 16 leave powers of two for DGConv to group); ``importance`` scores each set's channels
+    (a :class:`~nas_grouping.channels.importance.ChannelImportance`, default ``L1Importance()``). The
+    model is traced once; ``prune`` returns a pruned copy, ``prune_to_budget`` the largest share
+    within a MAC budget.
     """
 
     def __init__(self, model: nn.Module, input_size: Sequence[int], *, ignore: Sequence[str] = (),
-                 round_to: int = 1) -> None:
+                 round_to: int = 1, importance: ChannelImportance | None = None) -> None:
         if round_to < 1:
             raise ConfigError(f"round_to must be >= 1, got {round_to}")
         self.model, self.input_size, self.round_to = model, check_input_size(input_size), round_to
+        #: scores the channels of a set (the lowest go first): L1 of the producing filters unless given
+        self.importance = importance if importance is not None else L1Importance()
         known = {n for n, _ in model.named_modules()}
         unknown = [n for n in ignore if n not in known]
         if unknown:
@@ -232,14 +237,8 @@ class ChannelPruning:
         return [s for s in self.sets if s.prunable and any(r == "out" for _, r in s.members)]
 
     def _importance(self, s: ChannelSet) -> torch.Tensor:
-        """Per channel: the L1 norm of its producing filters, each layer scaled to mean 1, summed."""
-        score = torch.zeros(s.channels)
-        for name, role in s.members:
-            if role == "out":
-                w = self.model.get_submodule(name).weight.detach().float().cpu()
-                norms = w.abs().reshape(w.shape[0], -1).sum(1)
-                score += norms / norms.mean().clamp_min(1e-12)
-        return score
+        """Per channel of ``s``: its score by ``self.importance`` (default: L1 of the producing filters)."""
+        return self.importance(self.model, s)
 
     def _keep(self, channels: int, ratio: float) -> int:
         keep = max(1, math.ceil(channels * (1 - ratio)))
@@ -365,10 +364,11 @@ def _shrink(m: nn.Module, role: str, index: torch.Tensor) -> None:
 
 
 def prune_channels(model: nn.Module, input_size: Sequence[int], *, ratio: float | None = None,
-                   budget_macs: int | None = None, ignore: Sequence[str] = (), round_to: int = 1) -> nn.Module:
+                   budget_macs: int | None = None, ignore: Sequence[str] = (), round_to: int = 1,
+                   importance: ChannelImportance | None = None) -> nn.Module:
     """``model`` with whole channels removed: ``ratio`` of every coupled set, or the largest ratio
     within ``budget_macs`` (exactly one of the two). See ``ChannelPruning``."""
     if (ratio is None) == (budget_macs is None):
         raise ConfigError("prune_channels: give exactly one of ratio and budget_macs")
-    pruning = ChannelPruning(model, input_size, ignore=ignore, round_to=round_to)
+    pruning = ChannelPruning(model, input_size, ignore=ignore, round_to=round_to, importance=importance)
     return pruning.prune(ratio) if ratio is not None else pruning.prune_to_budget(budget_macs)[0]

@@ -167,7 +167,7 @@ def run_schedule(sg: "SelfGrouping", model: nn.Module, data: "Datasets", *, batc
         kind, step, n = schedule[pos]
         if kind == "prune":
             calibration = (_calibration(data, rt, batch_size, cfg.calibration_batches, cfg.seed, step)
-                           if cfg.importance == "taylor" else None)
+                           if sg.importance.needs_calibration else None)
             decisions = rt.broadcast(sg.decide(current, plan, share=step / cfg.steps, calibration=calibration,
                                                step=step - 1))
             current = sg.build(current, decisions).to(rt.device)

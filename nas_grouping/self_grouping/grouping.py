@@ -39,10 +39,9 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
 import torch
 from torch import nn
 
-from nas_grouping.self_grouping._cluster import (
-    Pruning, balance_labels, centroid_prune, kmeans_labels, magnitude_importance, taylor_importance,
-)
+from nas_grouping.self_grouping._cluster import Pruning, balance_labels, centroid_prune, kmeans_labels
 from nas_grouping.self_grouping._layers import Prunable, layer_candidates
+from nas_grouping.self_grouping.importance import IMPORTANCES, Importance, MagnitudeImportance, make_importance
 from nas_grouping.specs import match_layer, resolve_clusters
 from nas_grouping.budget import MacBudget
 from nas_grouping.errors import BudgetError, ConfigError
@@ -227,16 +226,28 @@ class SelfGrouping:
 
     Args:
         config: the settings (see :class:`~nas_grouping.config.SelfGroupingConfig`).
+        importance: a registered name (overrides the config's) or an
+            :class:`~nas_grouping.self_grouping.importance.Importance` object; the config then names
+            the object's registered name, if it has one.
         **overrides: fields of the config to replace, e.g. ``SelfGrouping(budget=0.5)``.
     """
 
-    def __init__(self, config: "SelfGroupingConfig | None" = None, **overrides: Any) -> None:
+    def __init__(self, config: "SelfGroupingConfig | None" = None, *, importance: "str | Importance | None" = None,
+                 **overrides: Any) -> None:
         from nas_grouping.config import SelfGroupingConfig
 
         if config is not None and not isinstance(config, SelfGroupingConfig):
             raise TypeError(f"config must be a SelfGroupingConfig, got {type(config).__name__}")
         config = config or SelfGroupingConfig()
+        if isinstance(importance, Importance):
+            if IMPORTANCES.get(importance.name) is type(importance):
+                overrides["importance"] = importance.name
+        elif importance is not None:
+            overrides["importance"] = importance
         self.config = dataclasses.replace(config, **overrides) if overrides else config
+        #: what scores the connections: the object given, else the config's name resolved
+        self.importance: Importance = importance if isinstance(importance, Importance) \
+            else make_importance(self.config.importance)
 
     def __repr__(self) -> str:
         return f"SelfGrouping({self.config!r})"
@@ -348,7 +359,7 @@ class SelfGrouping:
         from nas_grouping.latency.measure import MeasuredLatency, meet_measured_budget, parse_latency_budget
 
         cfg = self.config
-        probe = SelfGrouping(dataclasses.replace(cfg, importance="magnitude"))  # no data at plan time
+        probe = SelfGrouping(cfg, importance=MagnitudeImportance())  # no data at plan time
         measure = MeasuredLatency(model, size, batch=cfg.latency_batch)
         budget_ms = parse_latency_budget(cfg.latency_budget, measure.reference_ms)
 
@@ -423,16 +434,7 @@ class SelfGrouping:
         """
         cfg = self.config
         layers = [Prunable(lp.name, model.get_submodule(lp.name) if lp.name else model) for lp in plan.prunable]
-        if cfg.importance == "taylor":
-            if calibration is None:
-                raise ConfigError("importance='taylor' needs calibration batches of (inputs, targets); pass "
-                                  "calibration= (or data= to self_group), or use importance='magnitude'")
-            work = copy.deepcopy(model)
-            work_layers = [Prunable(lp.name, work.get_submodule(lp.name) if lp.name else work)
-                           for lp in plan.prunable]
-            scores = taylor_importance(work, work_layers, calibration)
-        else:
-            scores = {layer.name: magnitude_importance(layer) for layer in layers}
+        scores = self.importance(model, layers, calibration)
         decisions = {}
         for index, (lp, layer) in enumerate(zip(plan.prunable, layers)):
             if lp.clusters > layer.out_channels:
@@ -469,7 +471,7 @@ class SelfGrouping:
         """One-shot self-grouping (no fine-tuning): a new compressed module; ``model`` is left untouched.
 
         Args:
-            calibration: batches of (inputs, targets) for ``importance="taylor"``.
+            calibration: batches of (inputs, targets) for an importance that needs them (``"taylor"``).
             plan: a plan made by :meth:`plan` for this model (made here when None).
         """
         plan = plan if plan is not None else self.plan(model, input_size)
