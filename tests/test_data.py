@@ -13,10 +13,12 @@ from PIL import Image
 from torch.utils.data import Subset, TensorDataset
 
 from nas_grouping.data import (
+    DATASETS,
     DataConfig,
     Datasets,
     load_datasets,
     make_loader,
+    register_dataset,
     split_dataset,
 )
 from nas_grouping.errors import ConfigError, DataError
@@ -110,6 +112,42 @@ def test_config_normalises_dataset_name_and_keeps_defaults():
 def test_load_datasets_rejects_non_config():
     with pytest.raises(ConfigError, match="DataConfig"):
         load_datasets({"dataset": "digits"})  # type: ignore[arg-type]
+
+
+def test_unknown_dataset_is_one_line_listing_the_registered_names():
+    with pytest.raises(ConfigError, match="expected one of digits, cifar10, cifar100, imagefolder, got 'tiny'") as info:
+        DataConfig(dataset="tiny")
+    assert "\n" not in str(info.value)
+    assert list(DATASETS) == ["digits", "cifar10", "cifar100", "imagefolder"]
+    assert (DATASETS["cifar10"].val_fraction, DATASETS["cifar10"].native_size) == (0.1, 32)
+
+
+def test_a_registered_dataset_is_valid_in_the_config_and_loads():
+    def load_tiny(cfg: DataConfig) -> Datasets:
+        data = TensorDataset(torch.randn(8, 1, 4, 4), torch.arange(8) % 2)
+        return Datasets(train=data, val=data, num_classes=2, in_channels=1, input_size=(4, 4), name=cfg.dataset)
+
+    assert register_dataset("Tiny", load_tiny, val_fraction=0.25, native_size=4) is load_tiny
+    try:
+        cfg = DataConfig(dataset="TINY")
+        assert cfg.dataset == "tiny" and cfg.val_fraction == 0.25
+        ds = load_datasets(cfg)
+        assert ds.name == "tiny" and ds.input_size == (4, 4) and len(ds.train) == 8
+        with pytest.raises(ConfigError, match="image_size"):
+            DataConfig(dataset="tiny", image_size=8)
+    finally:
+        del DATASETS["tiny"]
+    with pytest.raises(ConfigError, match="tiny"):
+        DataConfig(dataset="tiny")
+
+    @register_dataset("tiny")
+    def load_tiny_too(cfg: DataConfig) -> Datasets:  # the decorator form
+        return load_tiny(cfg)
+
+    try:
+        assert DATASETS["tiny"].load is load_tiny_too and DataConfig(dataset="tiny").val_fraction == 0.2
+    finally:
+        del DATASETS["tiny"]
 
 
 # --------------------------------------------------------------------------- digits

@@ -9,7 +9,8 @@ train/validation pair plus the facts a model needs (classes, channels, size):
   (a ``.tar.gz`` of ``train/<class>/*.jpg`` or its extracted folder), read from
   ``--data-dir`` and held in memory as uint8 tensors that are augmented a whole
   batch at a time (:mod:`~nas_grouping.data.memory`);
-- ``imagefolder``: one subfolder per class, with or without ``train/`` + ``val/``.
+- ``imagefolder``: one subfolder per class, with or without ``train/`` + ``val/``;
+- a name added by :func:`register_dataset` (its loader takes the config and returns :class:`Datasets`).
 
 Splits are seeded and stratified, and loaders seed their shuffling, so a run with
 the same seeds sees the same data in the same order.
@@ -19,7 +20,7 @@ from __future__ import annotations
 
 from nas_grouping.errors import ConfigError
 from nas_grouping.data.cifar import CIFAR10_CLASSES, load_cifar, read_cifar10_jpeg
-from nas_grouping.data.config import DATASETS, DataConfig, Datasets
+from nas_grouping.data.config import DATASETS, DataConfig, DatasetKind, Datasets, register_dataset
 from nas_grouping.data.digits import DigitsDataset, load_digits
 from nas_grouping.data.imagefolder import load_imagefolder
 from nas_grouping.data.loaders import make_loader
@@ -30,6 +31,7 @@ __all__ = [
     "CIFAR10_CLASSES",
     "DATASETS",
     "DataConfig",
+    "DatasetKind",
     "Datasets",
     "DigitsDataset",
     "ImageTensorDataset",
@@ -38,9 +40,17 @@ __all__ = [
     "load_datasets",
     "make_loader",
     "read_cifar10_jpeg",
+    "register_dataset",
     "split_dataset",
     "tensor_source",
 ]
+
+# the names DataConfig accepts, in the order its messages list them; CIFAR holds out 5,000 of its 50,000 training
+# images (a share of 0.1), the others a fifth
+register_dataset("digits", load_digits, native_size=8)
+register_dataset("cifar10", load_cifar, val_fraction=0.1, native_size=32)
+register_dataset("cifar100", load_cifar, val_fraction=0.1, native_size=32)
+register_dataset("imagefolder", load_imagefolder)
 
 
 def load_datasets(cfg: DataConfig) -> Datasets:
@@ -53,8 +63,4 @@ def load_datasets(cfg: DataConfig) -> Datasets:
     """
     if not isinstance(cfg, DataConfig):
         raise ConfigError(f"load_datasets: expected a DataConfig, got {type(cfg).__name__}")
-    if cfg.dataset == "digits":
-        return load_digits(cfg)
-    if cfg.dataset in ("cifar10", "cifar100"):
-        return load_cifar(cfg)
-    return load_imagefolder(cfg)
+    return DATASETS[cfg.dataset].load(cfg)

@@ -5,22 +5,53 @@ from __future__ import annotations
 import os
 from pathlib import Path
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 from torch.utils.data import Dataset
 
 from nas_grouping.errors import ConfigError, DataError
 
-__all__ = ["DATASETS", "DataConfig", "Datasets", "require_data_dir"]
+__all__ = ["DATASETS", "DatasetKind", "register_dataset", "DataConfig", "Datasets", "require_data_dir"]
 
-#: Data set names that :class:`DataConfig` accepts.
-DATASETS: tuple[str, ...] = ("digits", "cifar10", "cifar100", "imagefolder")
-
-_NATIVE_SIZE = {"digits": 8, "cifar10": 32, "cifar100": 32}
 _CHECK_IMAGES = ("lazy", "check", "skip")
-#: validation share when none is given: CIFAR holds out 5,000 of its 50,000 training images
-_DEFAULT_VAL_FRACTION = {"digits": 0.2, "cifar10": 0.1, "cifar100": 0.1, "imagefolder": 0.2}
+
+
+@dataclass(frozen=True)
+class DatasetKind:
+    """A data set that :class:`DataConfig` can name: its loader and the defaults its settings need.
+
+    Attributes:
+        load: ``load(cfg) -> Datasets``.
+        val_fraction: The validation share when none is given.
+        native_size: The side of its square images, which are not resized (``image_size`` must be
+            None or this); None where ``image_size`` applies.
+    """
+
+    load: Callable[["DataConfig"], "Datasets"]
+    val_fraction: float = 0.2
+    native_size: int | None = None
+
+
+#: Data sets by the (lower-case) name :class:`DataConfig` accepts; :func:`register_dataset` adds one, and
+#: :func:`~nas_grouping.data.load_datasets` loads ``cfg.dataset`` with its ``load``.
+DATASETS: dict[str, DatasetKind] = {}
+
+
+def register_dataset(name: str, load: Callable[["DataConfig"], "Datasets"] | None = None, *,
+                     val_fraction: float = 0.2, native_size: int | None = None) -> Any:
+    """Make ``name`` a data set that :class:`DataConfig` accepts, loaded by ``load(cfg) -> Datasets``.
+
+    Called with ``load`` it registers it and returns it; without, it is a decorator of the loader.
+    """
+    if not isinstance(name, str) or not name.strip():
+        raise ConfigError(f"register_dataset: expected a name, got {name!r}")
+    _check_fraction(f"register_dataset({name!r}).val_fraction", val_fraction)
+
+    def register(fn: Callable[["DataConfig"], "Datasets"]) -> Callable[["DataConfig"], "Datasets"]:
+        DATASETS[name.strip().lower()] = DatasetKind(fn, val_fraction, native_size)
+        return fn
+    return register(load) if load is not None else register
 
 
 def _is_int(value: Any) -> bool:
@@ -32,7 +63,8 @@ class DataConfig:
     """What to load and how to batch it.
 
     Attributes:
-        dataset: One of ``"digits"``, ``"cifar10"``, ``"cifar100"``, ``"imagefolder"``.
+        dataset: One of ``"digits"``, ``"cifar10"``, ``"cifar100"``, ``"imagefolder"``, or a name
+            added by :func:`register_dataset`.
         data_dir: Folder holding the data (not used by ``digits``, which is bundled).
         download: Let torchvision download CIFAR into ``data_dir`` (needs internet).
         batch_size: Samples per batch, at least 1.
@@ -84,7 +116,7 @@ class DataConfig:
             raise ConfigError(f"DataConfig.check_images: expected one of {', '.join(_CHECK_IMAGES)}, got "
                               f"{self.check_images!r}")
         if self.val_fraction is None:
-            self.val_fraction = _DEFAULT_VAL_FRACTION[self.dataset]
+            self.val_fraction = DATASETS[self.dataset].val_fraction
         _check_fraction("DataConfig.val_fraction", self.val_fraction)
         for name in ("crop_padding", "cutout"):
             value = getattr(self, name)
@@ -97,7 +129,7 @@ class DataConfig:
                 raise ConfigError(
                     f"DataConfig.image_size: expected an integer >= 1 or None, got {self.image_size!r}"
                 )
-            native = _NATIVE_SIZE.get(self.dataset)
+            native = DATASETS[self.dataset].native_size
             if native is not None and self.image_size != native:
                 raise ConfigError(
                     f"DataConfig.image_size: {self.dataset} images are {native}x{native} and are not "
