@@ -14,7 +14,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar, get_type_hints
+from typing import Any, Callable, TypeVar, get_type_hints
 
 from nas_grouping.files import read_config_file
 from nas_grouping.budget import REGULARIZERS
@@ -532,8 +532,39 @@ def _channel_share(value: Any, grouping: SelfGroupingConfig) -> float | str | No
 TUNE_OBJECTIVES = ("accuracy", "pareto", "pareto-latency")
 #: objectives with two values (accuracy and a cost): Optuna cannot prune their trials
 TUNE_MULTI_OBJECTIVES = ("pareto", "pareto-latency")
-TUNE_SAMPLERS = ("tpe", "random", "gp", "nsgaii")
-TUNE_PRUNERS = ("auto", "percentile", "median", "hyperband", "none")
+
+
+def _optuna() -> Any:
+    import optuna
+
+    return optuna
+
+
+#: The samplers TuneConfig.sampler may name (its validation, the CLI's choices and the study read this dict):
+#: name -> (tune config, seed, shared: workers share the study) -> an Optuna sampler.
+TUNE_SAMPLERS: dict[str, Callable[[TuneConfig, int, bool], Any]] = {
+    "tpe": lambda config, seed, shared: _optuna().samplers.TPESampler(
+        seed=seed, n_startup_trials=config.startup_trials, multivariate=True, constant_liar=shared),
+    "random": lambda config, seed, shared: _optuna().samplers.RandomSampler(seed=seed),
+    "gp": lambda config, seed, shared: _optuna().samplers.GPSampler(seed=seed, n_startup_trials=config.startup_trials),
+    "nsgaii": lambda config, seed, shared: _optuna().samplers.NSGAIISampler(
+        seed=seed, population_size=max(4, config.startup_trials)),
+}
+#: The pruners TuneConfig.pruner may name (its validation, the CLI's choices and the study read this dict):
+#: name -> (tune config, trial context (kind, base job config), warm-up reports not judged) -> an Optuna pruner.
+TUNE_PRUNERS: dict[str, Callable[[TuneConfig, Any, int], Any]] = {
+    "auto": lambda config, ctx, warmup: TUNE_PRUNERS[
+        "percentile" if config.objective == "accuracy" and ctx.kind == "search" else "none"](config, ctx, warmup),
+    # only the worst quarter: a noisy report rarely stops a good trial
+    "percentile": lambda config, ctx, warmup: _optuna().pruners.PercentilePruner(
+        25.0, n_startup_trials=config.startup_trials, n_warmup_steps=warmup, n_min_trials=3),
+    "median": lambda config, ctx, warmup: _optuna().pruners.MedianPruner(
+        n_startup_trials=config.startup_trials, n_warmup_steps=warmup),
+    "hyperband": lambda config, ctx, warmup: _optuna().pruners.HyperbandPruner(
+        min_resource=max(1, warmup), max_resource=max(ctx.base.total_epochs if ctx.kind == "search" else 1, 1),
+        reduction_factor=3),
+    "none": lambda config, ctx, warmup: _optuna().pruners.NopPruner(),
+}
 
 
 @dataclass

@@ -46,7 +46,8 @@ from nas_grouping.tune._knobs import BUDGET, SHARE, Knob, apply_knobs, check_enq
 from nas_grouping.tune._report import SUMMARY, format_tuning_run, write_results
 from nas_grouping.tune._storage import ClaimLock, StorageSpec, WorkerLock, open_storage, resolve_storage
 from nas_grouping.tune._trials import TrialContext, make_objective, model_latency_ms
-from nas_grouping.config import CompressConfig, SearchConfig, TuneConfig, config_from_dict, config_to_dict
+from nas_grouping.config import (TUNE_PRUNERS, TUNE_SAMPLERS, CompressConfig, SearchConfig, TuneConfig, config_from_dict,
+                                  config_to_dict)
 from nas_grouping.errors import ConfigError, WorkerError
 from nas_grouping.report import read_json, write_json
 
@@ -253,41 +254,18 @@ def _worker_seed(seed: int, index: int, *, server: bool) -> int:
 
 
 def _make_sampler(config: TuneConfig, seed: int, *, shared: bool) -> Any:
-    import optuna
-
-    if config.sampler == "tpe":
-        return optuna.samplers.TPESampler(seed=seed, n_startup_trials=config.startup_trials, multivariate=True,
-                                          constant_liar=shared)
-    if config.sampler == "random":
-        return optuna.samplers.RandomSampler(seed=seed)
-    if config.sampler == "gp":
-        return optuna.samplers.GPSampler(seed=seed, n_startup_trials=config.startup_trials)
-    return optuna.samplers.NSGAIISampler(seed=seed, population_size=max(4, config.startup_trials))
+    return TUNE_SAMPLERS[config.sampler](config, seed, shared)
 
 
 def _make_pruner(config: TuneConfig, ctx: TrialContext) -> Any:
     """The pruner ``config`` names. Reports before the middle of the search phase are not judged: warm-up
     accuracy says little about where the gates end up, and early epochs are noisy."""
-    import optuna
-
-    name = config.pruner
-    if name == "auto":
-        name = "percentile" if config.objective == "accuracy" and ctx.kind == "search" else "none"
-    if name == "none":
-        return optuna.pruners.NopPruner()
     base = ctx.base
     # reports are per epoch (1-based): judge once half the search epochs (at least one) are done
     warmup = 0
     if ctx.kind == "search":
         warmup = base.warmup_epochs + max(1, math.ceil((base.epochs - base.warmup_epochs) / 2))
-    if name == "median":
-        return optuna.pruners.MedianPruner(n_startup_trials=config.startup_trials, n_warmup_steps=warmup)
-    if name == "percentile":  # only the worst quarter: a noisy report rarely stops a good trial
-        return optuna.pruners.PercentilePruner(25.0, n_startup_trials=config.startup_trials, n_warmup_steps=warmup,
-                                               n_min_trials=3)
-    epochs = base.total_epochs if ctx.kind == "search" else 1
-    return optuna.pruners.HyperbandPruner(min_resource=max(1, warmup), max_resource=max(epochs, 1),
-                                          reduction_factor=3)
+    return TUNE_PRUNERS[config.pruner](config, ctx, warmup)
 
 
 def _open_study(ctx: TrialContext, config: TuneConfig, storage: Any, name: str, sampler: Any, pruner: Any, *,
