@@ -3,7 +3,11 @@
 DGConv2d (GroupNet, ICCV 2019) is a differentiable search operator whose number
 of groups is learned; the self-grouping pass (SG-CNN, 2020) compresses any
 trained model into diverse group convolutions. MACs are multiply-accumulates.
+Progress and summaries are logged to the ``nas_grouping`` logger (silent unless the
+application shows it; the ``nas-grouping`` command prints them).
 """
+
+import logging
 
 from nas_grouping.channels.pruning import ChannelPruning, prune_channels
 from nas_grouping.convert import arch_parameters, conversion_plan, convert_to_dgconv, dgconv_layers, weight_parameters
@@ -14,6 +18,8 @@ from nas_grouping.ops import DGConv2d, PermutedGroupConv2d
 from nas_grouping.self_grouping.grouping import SelfGrouping, self_group
 
 __version__ = "0.1.0"
+
+logging.getLogger("nas_grouping").addHandler(logging.NullHandler())  # the library convention
 
 # Loaded on first use: config imports the data loaders (torchvision), tune imports Optuna. The job
 # functions stay in their modules (nas_grouping.search.loop.search, .compress.compress, .tune.tune): a

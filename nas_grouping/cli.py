@@ -2,13 +2,16 @@
 
 Each command parses its flags into the job's configuration dataclass (flags are
 generated from the dataclass, so a setting is defined once) and calls the API.
-Errors of ours print as one clear line, not a stack trace.
+Errors of ours print as one clear line, not a stack trace. The library logs through the
+``nas_grouping`` logger; the command shows those lines as it always printed them (INFO on
+stdout; warnings on stderr), fewer with ``--quiet``, more with ``--verbose``.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import logging
 import sys
 import warnings
 from typing import Callable, Sequence
@@ -16,7 +19,59 @@ from typing import Callable, Sequence
 from nas_grouping.config import SearchConfig, SelfGroupingConfig, add_config_arguments, config_from_args, read_config_file
 from nas_grouping.errors import ConfigError, NasGroupingError, is_out_of_memory
 
-__all__ = ["main", "build_parser"]
+__all__ = ["main", "build_parser", "log_to_console"]
+
+
+class _ConsoleHandler(logging.Handler):
+    """The library's log lines as the commands print them: below WARNING the bare message on stdout,
+    from WARNING on ``warning: ...`` (``error: ...``) on stderr. Written with ``tqdm.write`` so a running
+    progress bar is not broken, and to the streams of the moment (``sys.stdout`` when the line is written)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            from tqdm.auto import tqdm
+
+            text = self.format(record)
+            if record.levelno >= logging.WARNING:
+                tqdm.write(f"{record.levelname.lower()}: {text}", file=sys.stderr)
+            else:
+                tqdm.write(text, file=sys.stdout)
+        except Exception:  # noqa: BLE001 - logging's own convention: report, never raise
+            self.handleError(record)
+
+
+def log_to_console(level: int = logging.INFO) -> Callable[[], None]:
+    """Show the records of the ``nas_grouping`` logger from ``level`` on, as the commands print them
+    (``--quiet``: WARNING, ``--verbose``: DEBUG). The root logger is left alone. Returns the function
+    that undoes it (removes the handler, restores the logger's level)."""
+    log = logging.getLogger("nas_grouping")
+    handler, before = _ConsoleHandler(), log.level
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    log.addHandler(handler)
+    log.setLevel(level)
+
+    def undo() -> None:
+        log.removeHandler(handler)
+        log.setLevel(before)
+
+    return undo
+
+
+def _add_log_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--quiet", dest="log_level", action="store_const", const=logging.WARNING, default=argparse.SUPPRESS,
+                   help="print only warnings and errors (no progress lines, no summary; progress bars follow "
+                        "--progress)")
+    g.add_argument("--verbose", dest="log_level", action="store_const", const=logging.DEBUG, default=argparse.SUPPRESS,
+                   help="also print the debug lines")
+
+
+def _subparsers(p: argparse.ArgumentParser):
+    for action in p._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for q in dict.fromkeys(action.choices.values()):
+                yield q
+                yield from _subparsers(q)
 
 
 def _cmd_search(args: argparse.Namespace) -> int:
@@ -290,6 +345,9 @@ def build_parser() -> argparse.ArgumentParser:
                          formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add_config_arguments(q, SpeedConfig)
     q.set_defaults(func=_cmd_speed)
+    _add_log_flags(parser)  # absent unless given, so parse_args stays the job's settings (main takes it out)
+    for q in _subparsers(parser):  # also after the command; given there, it overrides the one before
+        _add_log_flags(q)
     return parser
 
 
@@ -300,6 +358,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from nas_grouping.latency.timer import keep_freed_memory
 
     keep_freed_memory()  # steady CPU timings (see its doc)
+    undo_logging = log_to_console(vars(args).pop("log_level", logging.INFO))  # not a setting of the job
     try:
         return args.func(args)
     except NasGroupingError as exc:
@@ -317,6 +376,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"nas-grouping {args.command}: interrupted; the last checkpoint is kept (resume with --resume)",
               file=sys.stderr)
         return 130
+    finally:
+        undo_logging()
 
 
 if __name__ == "__main__":

@@ -66,3 +66,33 @@ def test_spaces_lists_registered_spaces(capsys):
     assert main(["spaces"]) == 0
     out = capsys.readouterr().out
     assert "resnet20" in out and "g_resnext_cifar" in out
+
+
+def test_quiet_silences_the_progress_lines_and_the_library_logs_without_the_cli(tmp_path, capsys, caplog):
+    import logging
+
+    from nas_grouping.cli import build_parser
+    from nas_grouping.search.loop import search
+
+    tiny = ["--space", "digits_convnet", "--space-kwargs", SMALL, "--epochs", "2", "--warmup-epochs", "1",
+            "--finetune-epochs", "0", "--progress", "false", "--measure-latency", "false"]
+    parser = build_parser()
+    assert parser.parse_args(["--quiet", "search"]).log_level == logging.WARNING
+    assert parser.parse_args(["search", "--verbose"]).log_level == logging.DEBUG
+    assert not hasattr(parser.parse_args(["search"]), "log_level"), "not a setting of the job unless given"
+    assert main(["search", *tiny, "--out", str(tmp_path / "loud")]) == 0
+    loud = capsys.readouterr()
+    assert "epoch   1/2" in loud.out and "validation accuracy" in loud.out
+    assert main(["--quiet", "search", *tiny, "--out", str(tmp_path / "quiet")]) == 0
+    quiet = capsys.readouterr()
+    assert quiet.out == "" and "epoch" not in quiet.err and "validation accuracy" not in quiet.err
+    assert (tmp_path / "quiet" / "summary.json").is_file(), "quiet, not idle"
+    logger = logging.getLogger("nas_grouping")
+    assert logger.level == logging.NOTSET and not any(type(h).__name__ == "_ConsoleHandler" for h in logger.handlers)
+    # from Python, without the CLI: nothing on stdout, every line on the "nas_grouping" logger
+    caplog.set_level(logging.INFO, logger="nas_grouping")
+    args = build_parser().parse_args(["search", *tiny, "--out", str(tmp_path / "api")])
+    search(config_from_args(SearchConfig, args))
+    assert capsys.readouterr().out == ""
+    lines = [r.getMessage() for r in caplog.records if r.name.startswith("nas_grouping")]
+    assert any(m.startswith("epoch   1/2") for m in lines) and any("validation accuracy" in m for m in lines)

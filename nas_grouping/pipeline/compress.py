@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import logging
 import statistics
 import time
 from dataclasses import dataclass
@@ -27,7 +28,6 @@ from typing import Any, Sequence
 import pandas as pd
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from nas_grouping.files import check_run_folder, claim_run_folder
 from nas_grouping.budget import MacBudget
@@ -47,6 +47,8 @@ from nas_grouping.self_grouping.grouping import GroupingPlan, LayerOutcome, Self
 from nas_grouping.training import epoch_loader, evaluate
 
 __all__ = ["compress", "CompressResult", "load_source_model", "measure_latency", "layer_table", "format_summary"]
+
+logger = logging.getLogger(__name__)
 
 #: CompressConfig fields that may differ between a run and its resumption
 RESUMABLE_CHANGES = frozenset({"out", "device", "precision", "channels_last", "latency_batches", "latency_repeats"})
@@ -297,7 +299,7 @@ def _channel_record(cfg: CompressConfig, pruning: ChannelPruning, original: nn.M
     measure = MeasuredLatency(original, input_size, batch=grouping.latency_batch)
     record["input_ms"] = measure.reference_ms
     if cfg.channels == "auto":  # the latency alone: the MAC budget is left to the pass that follows
-        tqdm.write("[nas-grouping] finding the share of channels whose measured latency meets the budget ...")
+        logger.info("[nas-grouping] finding the share of channels whose measured latency meets the budget ...")
         budget_ms = parse_latency_budget(lat, record["input_ms"])
         _, share, search = pruning.prune_to_latency(budget_ms, measure)
         record.update(share=share, search={**search, "budget_ms": budget_ms})
@@ -316,8 +318,8 @@ def _latency_table(grouping: SelfGroupingConfig, model: nn.Module, input_size: S
     if grouping.latency_table:
         return LatencyTable.load(grouping.latency_table)
     if rt.is_main:
-        tqdm.write(f"[nas-grouping] profiling each prunable layer's latency at batch {grouping.latency_batch} on "
-                   "this machine ...")
+        logger.info("[nas-grouping] profiling each prunable layer's latency at batch %d on this machine ...",
+                    grouping.latency_batch)
         out.mkdir(parents=True, exist_ok=True)
         profile_self_grouping(model, input_size, grouping, batch=grouping.latency_batch).save(saved)
     rt.barrier()
@@ -406,19 +408,19 @@ def compress(cfg: CompressConfig, *, resume: bool = False) -> CompressResult:
         if ds.split is not None:
             write_json(out / "data_split.json", ds.split)
         if channels is not None:
-            tqdm.write(f"[nas-grouping] channel pruning: {channels['share']:.3f} of every set of coupled channels "
-                       f"removed, {count_macs(original, input_size):,} -> {channels['macs_after_channels']:,} "
-                       "MACs/sample" + ("" if not channels["search"] else
-                                        f"; measured {channels['search']['measured_ms']:.3f} ms against a budget of "
-                                        f"{channels['search']['budget_ms']:.3f} ms: "
-                                        + ("met" if channels["search"]["met"] else "NOT met (the fastest share tried)")))
-        tqdm.write(f"[nas-grouping] compress {info['source']} on {ds.name}: {plan.macs:,} MACs/sample, "
-                   + (f"budget {plan.budget_macs:,} (global fraction {plan.global_fraction:.3f})"
-                      if plan.budget_macs is not None else
-                      "fractions per layer" if plan.latency else f"fraction {cfg.grouping.target_fraction}")
-                   + (f", latency budget {plan.latency['budget_ms']:.3f} ms at batch {plan.latency['batch']} "
-                      f"(predicted {plan.latency['predicted_ms']:.3f} ms)" if plan.latency else "")
-                   + f", {len(plan.prunable)} layers to prune, {len(plan.skipped)} skipped, device {rt.device}")
+            logger.info(f"[nas-grouping] channel pruning: {channels['share']:.3f} of every set of coupled channels "
+                        f"removed, {count_macs(original, input_size):,} -> {channels['macs_after_channels']:,} "
+                        "MACs/sample" + ("" if not channels["search"] else
+                                         f"; measured {channels['search']['measured_ms']:.3f} ms against a budget of "
+                                         f"{channels['search']['budget_ms']:.3f} ms: "
+                                         + ("met" if channels["search"]["met"] else "NOT met (the fastest share tried)")))
+        logger.info(f"[nas-grouping] compress {info['source']} on {ds.name}: {plan.macs:,} MACs/sample, "
+                    + (f"budget {plan.budget_macs:,} (global fraction {plan.global_fraction:.3f})"
+                       if plan.budget_macs is not None else
+                       "fractions per layer" if plan.latency else f"fraction {cfg.grouping.target_fraction}")
+                    + (f", latency budget {plan.latency['budget_ms']:.3f} ms at batch {plan.latency['batch']} "
+                       f"(predicted {plan.latency['predicted_ms']:.3f} ms)" if plan.latency else "")
+                    + f", {len(plan.prunable)} layers to prune, {len(plan.skipped)} skipped, device {rt.device}")
     result = sg.run(narrowed, ds, batch_size=cfg.data.batch_size, rt=rt, out=out, resume=resume, plan=plan)
     compressed = result.model
     compressed_cpu = copy.deepcopy(compressed).cpu().eval()
@@ -478,7 +480,7 @@ def compress(cfg: CompressConfig, *, resume: bool = False) -> CompressResult:
         with torch.no_grad():
             summary["reload_max_abs_diff"] = float((reloaded(x) - compressed_cpu(x)).abs().max())
         write_json(out / "summary.json", summary)
-        tqdm.write(format_summary(summary))
+        logger.info(format_summary(summary))
     rt.barrier()
     return CompressResult(model=compressed_cpu, original=original, summary=summary, layers=layers,
                           history=result.history, run_dir=out)

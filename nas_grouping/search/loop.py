@@ -14,6 +14,7 @@ gates are DDP parameters, the regularizer is computed from them on every rank
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +38,8 @@ from nas_grouping.training import (epoch_loader, evaluate, load_checkpoint, make
                        train_epoch)
 
 __all__ = ["search", "SearchResult", "project_to_budget", "build_search_model"]
+
+logger = logging.getLogger(__name__)
 
 CHECKPOINT = "checkpoint.pt"
 #: settings that may differ between a run and its resumption
@@ -327,7 +330,7 @@ def _latency_budget(cfg: SearchConfig, base: nn.Module, input_size, rt: Runtime,
         if cfg.latency_table:
             table = LatencyTable.load(cfg.latency_table, device=rt.device)
         else:
-            tqdm.write(f"[nas-grouping] profiling layer latency at batch {cfg.latency_batch} on this machine ...")
+            logger.info("[nas-grouping] profiling layer latency at batch %d on this machine ...", cfg.latency_batch)
             table = profile_layers(base, input_size, batch=cfg.latency_batch)
             out.mkdir(parents=True, exist_ok=True)
             table.save(out / "latency_table.json")
@@ -347,9 +350,9 @@ def _latency_budget(cfg: SearchConfig, base: nn.Module, input_size, rt: Runtime,
         measured = (measure, reference_ms, measured_budget)
         budget_ms = measured_budget * latency.dense_ms / reference_ms  # the table's units, for the regularizer
         if budget_ms < latency.minimum_ms and rt.is_main:
-            tqdm.write(f"[nas-grouping] the latency budget ({measured_budget:.3f} ms measured, {budget_ms:.3f} ms by "
-                       f"the table) is under the table's fastest grouping ({latency.minimum_ms:.3f} ms): the final "
-                       "projection will measure what it can reach, and may report the budget NOT met")
+            logger.warning("the latency budget (%.3f ms measured, %.3f ms by the table) is under the table's fastest "
+                           "grouping (%.3f ms): the final projection will measure what it can reach, and may report "
+                           "the budget NOT met", measured_budget, budget_ms, latency.minimum_ms)
     else:  # a measured budget is judged by measuring (the loop reports it unmet); a predicted one fails now
         latency.check_budget(budget_ms)
     return latency, budget_ms, measured
@@ -489,10 +492,10 @@ def search(cfg: SearchConfig, *, resume: bool = False,
             report.write_json(out / "data_split.json", ds.split)
 
     if rt.is_main:
-        tqdm.write(f"[nas-grouping] {cfg.space} on {ds.name}: dense {dense_macs:,} MACs/sample, "
-                   + ("dense training" if cfg.dense else f"fixed groups={_describe_groups(cfg.fixed_groups)}, {budget_macs:,} MACs"
-                      if cfg.fixed_groups is not None else f"budget {budget.describe(dense_macs)}")
-                   + f", device {rt.device}, {rt.world_size} process(es)")
+        logger.info(f"[nas-grouping] {cfg.space} on {ds.name}: dense {dense_macs:,} MACs/sample, "
+                    + ("dense training" if cfg.dense else f"fixed groups={_describe_groups(cfg.fixed_groups)}, {budget_macs:,} MACs"
+                       if cfg.fixed_groups is not None else f"budget {budget.describe(dense_macs)}")
+                    + f", device {rt.device}, {rt.world_size} process(es)")
     model = None
     current_phase = None
     bar = tqdm(range(start_epoch, total), desc="epochs", disable=not (cfg.progress and rt.is_main),
@@ -503,8 +506,8 @@ def search(cfg: SearchConfig, *, resume: bool = False,
             flips, latency_loop = _project(base, cost, budget_macs, train_set, cfg, rt, epoch, latency,
                                            latency_budget_ms, measured)
             if flips and rt.is_main:
-                tqdm.write(f"[nas-grouping] projected to the budget by {len(flips)} gate change(s): "
-                           + ", ".join(f"{f['layer']} {f['action']}->G={f['groups_after']}" for f in flips))
+                logger.info(f"[nas-grouping] projected to the budget by {len(flips)} gate change(s): "
+                            + ", ".join(f"{f['layer']} {f['action']}->G={f['groups_after']}" for f in flips))
         if phase != current_phase:
             _set_gate_training(base, phase == "search")
             model = rt.prepare(base)
@@ -544,8 +547,8 @@ def search(cfg: SearchConfig, *, resume: bool = False,
         history.append(row)
         bar.set_postfix(acc=f"{val['acc']:.3f}", macs=f"{row['macs'] / dense_macs:.2f}x")
         if rt.is_main:
-            tqdm.write(f"epoch {epoch + 1:3d}/{total} {phase:8s} train loss {stats['loss']:.4f} acc {stats['acc']:.4f}"
-                       f" | val acc {val['acc']:.4f} | MACs {row['macs']:,} ({row['macs'] / dense_macs:.1%} of dense)")
+            logger.info(f"epoch {epoch + 1:3d}/{total} {phase:8s} train loss {stats['loss']:.4f} acc {stats['acc']:.4f}"
+                        f" | val acc {val['acc']:.4f} | MACs {row['macs']:,} ({row['macs'] / dense_macs:.1%} of dense)")
             save_checkpoint({
                 "config": config_to_dict(cfg), "model": base.state_dict(), "weight_opt": weight_opt.state_dict(),
                 "gate_opt": gate_opt.state_dict() if gate_opt is not None else None,
@@ -616,7 +619,7 @@ def search(cfg: SearchConfig, *, resume: bool = False,
             write_layer_latency(per_layer, out)
         save_model(exported, out / "model", extra={k: summary[k] for k in ("val_acc", "macs", "dense_macs",
                                                                               "budget_macs", "space", "dataset")})
-        tqdm.write(report.format_summary(summary))
+        logger.info(report.format_summary(summary))
     rt.barrier()
     return SearchResult(model=exported, searched=base, summary=summary, history=history, run_dir=out)
 

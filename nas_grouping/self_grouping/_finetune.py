@@ -13,6 +13,7 @@ differentiable, so exactly the kept weights train and pruned ones never come bac
 from __future__ import annotations
 
 import copy
+import logging
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -34,6 +35,8 @@ if TYPE_CHECKING:
     from nas_grouping.self_grouping.grouping import GroupingPlan, SelfGrouping, SelfGroupingResult
 
 __all__ = ["run_schedule", "CHECKPOINT", "phases"]
+
+logger = logging.getLogger(__name__)
 
 CHECKPOINT = "checkpoint.pt"
 #: settings that may differ between a run and its resumption
@@ -162,6 +165,7 @@ def run_schedule(sg: "SelfGrouping", model: nn.Module, data: "Datasets", *, batc
     if not history:
         record("input", 0, 0, None, None)
     show = cfg.progress and rt.is_main
+    level = logging.INFO if cfg.progress else logging.DEBUG  # the step lines go with the progress bar
     bar = tqdm(total=len(schedule), initial=position, desc="self-grouping", disable=not show, dynamic_ncols=True)
     for pos in range(position, len(schedule)):
         kind, step, n = schedule[pos]
@@ -173,8 +177,8 @@ def run_schedule(sg: "SelfGrouping", model: nn.Module, data: "Datasets", *, batc
             current = sg.build(current, decisions).to(rt.device)
             outcomes = getattr(current, OUTCOMES_ATTR)
             record("pruned", step, 0, None, None)
-            if show:
-                tqdm.write(f"[self-grouping] step {step}/{cfg.steps}: {history[-1]['macs']:,} MACs "
+            if rt.is_main:
+                logger.log(level, f"[self-grouping] step {step}/{cfg.steps}: {history[-1]['macs']:,} MACs "
                            f"({history[-1]['macs'] / plan.macs:.1%} of the input), val acc "
                            f"{history[-1]['val_acc']}")
             checkpoint(pos + 1, 0)
@@ -203,9 +207,9 @@ def run_schedule(sg: "SelfGrouping", model: nn.Module, data: "Datasets", *, batc
             sched.step()
             epochs_done += 1
             record(kind, step, epoch + 1, stats, lr)
-            if show:
-                tqdm.write(f"[self-grouping] step {step} {kind} epoch {epoch + 1}/{n}: train loss {stats['loss']:.4f}"
-                           f" acc {stats['acc']:.4f}, val acc {history[-1]['val_acc']}")
+            if rt.is_main:
+                logger.log(level, f"[self-grouping] step {step} {kind} epoch {epoch + 1}/{n}: train loss "
+                           f"{stats['loss']:.4f} acc {stats['acc']:.4f}, val acc {history[-1]['val_acc']}")
             if epoch + 1 < n:
                 checkpoint(pos, epoch + 1, opt, sched)
         for p in current.parameters():

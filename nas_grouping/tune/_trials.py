@@ -19,6 +19,7 @@ constraint ``measured_latency`` (always after ``macs``), and ``feasible`` needs 
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import socket
 import time
@@ -31,6 +32,8 @@ from nas_grouping.errors import ConfigError, ExportError, RunExistsError
 from nas_grouping.tune._knobs import BUDGET, SHARE, Knob, apply_knobs, project_shares, share_param
 
 __all__ = ["TrialContext", "make_objective", "CONSTRAINT", "LATENCY_CONSTRAINT", "trial_dir_name", "model_latency_ms"]
+
+logger = logging.getLogger(__name__)
 
 #: name of the Optuna constraint (system attribute ``constraints:macs``)
 CONSTRAINT = "macs"
@@ -75,8 +78,9 @@ class TrialContext:
         return self.objective in ("pareto", "pareto-latency")
 
     def say(self, text: str) -> None:
+        """One line of the study's progress, on the ``nas_grouping`` logger (INFO) unless quiet."""
         if not self.quiet:
-            print(f"[nas-grouping tune] {text}", flush=True)
+            logger.info("[nas-grouping tune] %s", text)
 
 
 def _record_constraint(trial: Any, macs: int, budget_macs: int) -> float:

@@ -30,6 +30,7 @@ multi-objective trials). Storage: a SQLite file in the run folder, a journal fil
 
 from __future__ import annotations
 
+import logging
 import math
 import multiprocessing
 import os
@@ -52,6 +53,8 @@ from nas_grouping.errors import ConfigError, WorkerError
 from nas_grouping.report import read_json, write_json
 
 __all__ = ["tune", "TuneResult", "Knob", "print_tuning_run", "is_tuning_run", "load_tuning_config"]
+
+logger = logging.getLogger(__name__)
 
 SETTINGS_ATTR = "nas_grouping.settings"
 #: study user attribute holding the dense reference latency (measured once per study)
@@ -357,6 +360,10 @@ def _worker_entry(payload: dict[str, Any]) -> None:
 
     torch.set_num_threads(payload["threads"])
     optuna.logging.set_verbosity(optuna.logging.WARNING)
+    if payload.get("log_level") is not None:  # the parent shows our log lines: so does its worker (spawned bare)
+        from nas_grouping.cli import log_to_console
+
+        log_to_console(payload["log_level"])
     kind = payload["kind"]
     base = config_from_dict(SearchConfig if kind == "search" else CompressConfig, payload["job"])
     config = config_from_dict(TuneConfig, payload["tune"])
@@ -375,6 +382,18 @@ def _worker_entry(payload: dict[str, Any]) -> None:
         _work(study, ctx, ctx.claim, config.trials, payload["deadline"])
     finally:
         lock.release()
+
+
+def _shown_level() -> int | None:
+    """The level of the ``nas_grouping`` logger when a handler shows its records (the CLI's, or the
+    application's), for the spawned workers to show theirs the same way; None when nothing would."""
+    log = logging.getLogger("nas_grouping")
+    chain = log
+    while chain is not None:
+        if any(not isinstance(h, logging.NullHandler) for h in chain.handlers):
+            return log.getEffectiveLevel()
+        chain = chain.parent if chain.propagate else None
+    return None
 
 
 def base_seed(base: Any) -> int:
@@ -418,7 +437,7 @@ def tune(base: SearchConfig | CompressConfig, config: TuneConfig | None = None, 
         config: how to tune (trials, objective, knobs, storage, workers; defaults when None).
         resume: continue the study of ``base.out`` (after a crash or to add trials).
         sampler / pruner: Optuna objects replacing the ones ``config`` names (one worker).
-        quiet: no line per trial on stdout.
+        quiet: no line per trial and no final table on the ``nas_grouping`` logger (INFO).
 
     Raises:
         BudgetError: the budget no configuration can meet (before any trial).
@@ -493,7 +512,7 @@ def tune(base: SearchConfig | CompressConfig, config: TuneConfig | None = None, 
             failed = _run_workers(config.workers, {
                 "kind": kind, "job": config_to_dict(base), "tune": config_to_dict(config), "out": str(out),
                 "storage_kind": spec.kind, "storage_url": spec.url, "study_name": name, "deadline": deadline,
-                "quiet": quiet})
+                "quiet": quiet, "log_level": _shown_level()})
         with claim:
             summary = write_results(study, out, kind=kind, objective=config.objective, budget_macs=ctx.budget_macs,
                                     dense_macs=ctx.dense_macs, storage=spec.display, latency=latency)
@@ -501,8 +520,8 @@ def tune(base: SearchConfig | CompressConfig, config: TuneConfig | None = None, 
         claim.release()
         lock.release()
         optuna.logging.set_verbosity(verbosity)
-    if not quiet:
-        print(format_tuning_run(out, top=10), flush=True)
+    if not quiet and logger.isEnabledFor(logging.INFO):  # the table reads the run folder: only when shown
+        logger.info(format_tuning_run(out, top=10))
     if failed:
         raise WorkerError(f"tuning worker(s) failed: {'; '.join(failed)}. The study is intact and its results so far "
                           f"are written to {out}; fix the cause and resume (the same command with --resume)")
