@@ -21,7 +21,7 @@ from nas_grouping.budget import REGULARIZERS
 from nas_grouping.data import DataConfig
 from nas_grouping.errors import ConfigError
 from nas_grouping.protocols import apply_protocol_defaults, merge_protocol
-from nas_grouping.self_grouping.importance import IMPORTANCES
+from nas_grouping.importance import IMPORTANCES
 
 __all__ = ["SearchConfig", "SelfGroupingConfig", "CompressConfig", "TuneConfig", "config_to_dict", "config_from_dict",
            "read_config_file", "check_same_settings", "add_config_arguments", "config_from_args"]
@@ -34,7 +34,9 @@ PROTOCOL_HELP = ("training protocol that fills the settings you leave out: short
                  "CIFAR-10), long (GPU, 200 epochs), or a .json/.toml file; flags and config files override it")
 
 
-def _f(default: Any, help: str, **kw: Any) -> Any:
+def setting(default: Any, help: str, **kw: Any) -> Any:
+    """A config field with its help text (the CLI flag's); ``raw=True`` keeps a file's value unparsed, ``cli=False``
+    makes no flag, ``choices=`` lists the allowed values."""
     if isinstance(default, (dict, list)):
         return field(default_factory=lambda: type(default)(default), metadata={"help": help, **kw})
     return field(default=default, metadata={"help": help, **kw})
@@ -44,54 +46,54 @@ def _f(default: Any, help: str, **kw: Any) -> Any:
 class SearchConfig:
     """A budget-constrained DGConv search: what to search, on what data, how long, and where to write."""
 
-    space: str = _f("resnet20", "search space name (see `nas-grouping spaces`)")
-    space_kwargs: dict = _f({}, "extra builder arguments of the space, as JSON, e.g. '{\"width\": 2}'")
+    space: str = setting("resnet20", "search space name (see `nas-grouping spaces`)")
+    space_kwargs: dict = setting({}, "extra builder arguments of the space, as JSON, e.g. '{\"width\": 2}'")
     data: DataConfig = field(default_factory=DataConfig, metadata={"help": "data set settings"})
-    budget: float = _f(0.5, "MAC budget: a fraction of the dense model (<= 1) or MACs per sample (> 1, e.g. 12M)",
+    budget: float = setting(0.5, "MAC budget: a fraction of the dense model (<= 1) or MACs per sample (> 1, e.g. 12M)",
                        raw=True)
-    regularizer: str = _f("additive", "resource regularizer: additive (loss + s*relu(c/b-1)) or multiplicative "
+    regularizer: str = setting("additive", "resource regularizer: additive (loss + s*relu(c/b-1)) or multiplicative "
                           "(loss*(c/b)^s, the paper's form)", choices=REGULARIZERS)
-    reg_strength: float = _f(0.5, "regularizer strength s (lambda for additive, exponent for multiplicative)")
-    epochs: int = _f(15, "search epochs (warm-up included), after which the gates are frozen")
-    warmup_epochs: int = _f(3, "epochs that train weights only before the gates move")
-    finetune_epochs: int = _f(5, "epochs with frozen gates after the search")
-    lr: float = _f(0.05, "weight learning rate (nesterov SGD; its schedule is --lr-schedule)")
-    lr_schedule: str = _f("cosine", "cosine: to 0 over all epochs, stepped per epoch; onecycle: linear warm-up over "
+    reg_strength: float = setting(0.5, "regularizer strength s (lambda for additive, exponent for multiplicative)")
+    epochs: int = setting(15, "search epochs (warm-up included), after which the gates are frozen")
+    warmup_epochs: int = setting(3, "epochs that train weights only before the gates move")
+    finetune_epochs: int = setting(5, "epochs with frozen gates after the search")
+    lr: float = setting(0.05, "weight learning rate (nesterov SGD; its schedule is --lr-schedule)")
+    lr_schedule: str = setting("cosine", "cosine: to 0 over all epochs, stepped per epoch; onecycle: linear warm-up over "
                           "--lr-warmup-epochs, then linear to 0, stepped per batch", choices=LR_SCHEDULES)
-    lr_warmup_epochs: float = _f(0.0, "onecycle: epochs of linear warm-up from 0 to --lr")
-    label_smoothing: float = _f(0.0, "label smoothing of the training loss (0: none)")
-    momentum: float = _f(0.9, "SGD momentum")
-    weight_decay: float = _f(5e-4, "weight decay of the weights (never applied to gates)")
-    gate_optimizer: str = _f("sgd", "gate optimizer: sgd (no momentum: gates move in proportion to the MACs they "
+    lr_warmup_epochs: float = setting(0.0, "onecycle: epochs of linear warm-up from 0 to --lr")
+    label_smoothing: float = setting(0.0, "label smoothing of the training loss (0: none)")
+    momentum: float = setting(0.9, "SGD momentum")
+    weight_decay: float = setting(5e-4, "weight decay of the weights (never applied to gates)")
+    gate_optimizer: str = setting("sgd", "gate optimizer: sgd (no momentum: gates move in proportion to the MACs they "
                              "save) or adam (betas 0.5, 0.999); never weight decay",
                              choices=("adam", "sgd"))
-    gate_lr: float = _f(0.03, "gate learning rate")
-    gate_init: float = _f(0.05, "initial magnitude of the gate latents (gates start on: dense)")
-    bilevel: bool = _f(False, "DARTS-style bi-level search: gates step on a held-out part of the training data")
-    gate_split: float = _f(0.5, "bi-level: share of the training data that trains the gates")
-    dense: bool = _f(False, "train the dense network instead (the baseline; no gates, no budget)")
-    fixed_groups: Any = _f(None, "train with every searchable layer held at this many contiguous groups (capped "
+    gate_lr: float = setting(0.03, "gate learning rate")
+    gate_init: float = setting(0.05, "initial magnitude of the gate latents (gates start on: dense)")
+    bilevel: bool = setting(False, "DARTS-style bi-level search: gates step on a held-out part of the training data")
+    gate_split: float = setting(0.5, "bi-level: share of the training data that trains the gates")
+    dense: bool = setting(False, "train the dense network instead (the baseline; no gates, no budget)")
+    fixed_groups: Any = setting(None, "train with every searchable layer held at this many contiguous groups (capped "
                            "per layer), or at per-layer groups as JSON {layer: groups} (the uniform baseline; no "
                            "search, no budget)")
-    seed: int = _f(0, "seed of weights, gates, data order and augmentation")
-    device: str = _f("auto", "auto, cpu, cuda or cuda:N")
-    precision: str = _f("32", "32, bf16 or 16 (16 needs a GPU)", choices=("32", "bf16", "16"))
-    channels_last: bool = _f(False, "train in channels-last memory format")
-    compile: bool = _f(False, "torch.compile the model (DGConv2d compiles with no graph break)")
-    measure_latency: bool = _f(True, "after export, time each exported layer's exact forms and the memory layouts "
+    seed: int = setting(0, "seed of weights, gates, data order and augmentation")
+    device: str = setting("auto", "auto, cpu, cuda or cuda:N")
+    precision: str = setting("32", "32, bf16 or 16 (16 needs a GPU)", choices=("32", "bf16", "16"))
+    channels_last: bool = setting(False, "train in channels-last memory format")
+    compile: bool = setting(False, "torch.compile the model (DGConv2d compiles with no graph break)")
+    measure_latency: bool = setting(True, "after export, time each exported layer's exact forms and the memory layouts "
                                "on this machine, keep the fastest, and report dense vs exported latency")
-    latency_batch: int = _f(1, "batch size at which latency is profiled, budgeted and optimised")
-    latency_budget: str | None = _f(None, "optional latency budget beside the MAC budget: milliseconds (2.5ms) or "
+    latency_batch: int = setting(1, "batch size at which latency is profiled, budgeted and optimised")
+    latency_budget: str | None = setting(None, "optional latency budget beside the MAC budget: milliseconds (2.5ms) or "
                                     "a fraction of the dense model's latency (0.5), predicted from a measured table")
-    latency_table: str | None = _f(None, "latency table from `nas-grouping profile` (default: profile now, on this "
+    latency_table: str | None = setting(None, "latency table from `nas-grouping profile` (default: profile now, on this "
                                    "machine, and save it in the run folder)")
-    latency_measured: bool = _f(False, "make the latency budget hold when measured: fractions are of the dense "
+    latency_measured: bool = setting(False, "make the latency budget hold when measured: fractions are of the dense "
                                 "model's measured latency, and the final projection measures each try's export on "
                                 "this machine and corrects the table's target (search.project_to_measured_latency)")
-    out: str = _f("runs/search", "run folder (checkpoint, exported model, reports)")
-    progress: bool = _f(True, "show progress bars")
-    protocol: str | None = _f(None, PROTOCOL_HELP)
-    protocol_applied: bool = _f(False, "set once the protocol has filled the settings", cli=False)
+    out: str = setting("runs/search", "run folder (checkpoint, exported model, reports)")
+    progress: bool = setting(True, "show progress bars")
+    protocol: str | None = setting(None, PROTOCOL_HELP)
+    protocol_applied: bool = setting(False, "set once the protocol has filled the settings", cli=False)
 
     def __post_init__(self) -> None:
         if isinstance(self.data, dict):
@@ -335,50 +337,50 @@ class SelfGroupingConfig:
     patterns (first match wins), e.g. ``{"layer3.*": 8, "*": "upto:16"}``; Optuna tunes the same fields.
     """
 
-    clusters: Any = _f("upto:16", "k-means clusters per layer: an int, a rule (upto:K = min(K, filters), per:N = "
+    clusters: Any = setting("upto:16", "k-means clusters per layer: an int, a rule (upto:K = min(K, filters), per:N = "
                        "filters // N, sqrt), or JSON {pattern: int or rule}; the paper uses 16")
-    fraction: Any = _f(None, "pruned share of each layer's connections (0-1), or JSON {pattern: share}; layers no "
+    fraction: Any = setting(None, "pruned share of each layer's connections (0-1), or JSON {pattern: share}; layers no "
                        "pattern matches are left alone. Default 0.5 when no budget is given")
-    budget: Any = _f(None, "MAC budget instead of a fraction: a share of the input model's MACs (<= 1) or MACs per "
+    budget: Any = setting(None, "MAC budget instead of a fraction: a share of the input model's MACs (<= 1) or MACs per "
                      "sample (> 1, e.g. 12M); one global fraction, capped per layer, is found to meet it")
-    latency_budget: Any = _f(None, "latency budget beside (or instead of) the MAC budget: milliseconds (2.5ms) or a "
+    latency_budget: Any = setting(None, "latency budget beside (or instead of) the MAC budget: milliseconds (2.5ms) or a "
                              "share of the input model's latency (0.5) at latency_batch, predicted from a measured "
                              "table; fractions are raised per layer where they buy the most latency per MAC")
-    latency_batch: int = _f(1, "batch size at which the latency budget is profiled and predicted")
-    latency_table: str | None = _f(None, "self-grouping latency table from `nas-grouping profile --pass self-grouping` "
+    latency_batch: int = setting(1, "batch size at which the latency budget is profiled and predicted")
+    latency_table: str | None = setting(None, "self-grouping latency table from `nas-grouping profile --pass self-grouping` "
                                    "(default: profile the model now, on this machine)")
-    latency_measured: bool = _f(False, "make the latency budget hold when measured: a share is of the input model's "
+    latency_measured: bool = setting(False, "make the latency budget hold when measured: a share is of the input model's "
                                 "measured latency, and each try of the table's fractions is built (magnitude "
                                 "importance), measured on this machine and corrected (latency.meet_measured_budget)")
-    importance: str = _f("magnitude", "importance of a connection: magnitude (L1 of its kernel, as the paper's code) "
+    importance: str = setting("magnitude", "importance of a connection: magnitude (L1 of its kernel, as the paper's code) "
                          "or taylor (|sum W dL/dW| over calibration batches)", choices=IMPORTANCES)
-    calibration_batches: int = _f(4, "training batches that estimate the taylor importance")
-    exclude: Any = _f([], "module-name patterns to leave alone, e.g. 'layer4.*,fc' (JSON list or comma-separated)")
-    skip_first: bool = _f(True, "leave the first layer (the one reading the model input) alone")
-    max_fraction: float = _f(0.95, "the most a convolution may be pruned")
-    linear_max_fraction: float = _f(0.6, "the most a linear layer may be pruned (the paper's code: 60%%)")
-    steps: int = _f(1, "progressive pruning steps: step j of n prunes every layer to j/n of its target, re-clustering "
+    calibration_batches: int = setting(4, "training batches that estimate the taylor importance")
+    exclude: Any = setting([], "module-name patterns to leave alone, e.g. 'layer4.*,fc' (JSON list or comma-separated)")
+    skip_first: bool = setting(True, "leave the first layer (the one reading the model input) alone")
+    max_fraction: float = setting(0.95, "the most a convolution may be pruned")
+    linear_max_fraction: float = setting(0.6, "the most a linear layer may be pruned (the paper's code: 60%%)")
+    steps: int = setting(1, "progressive pruning steps: step j of n prunes every layer to j/n of its target, re-clustering "
                     "the fine-tuned weights (the paper steps 10%%, 20%%, ...)")
-    finetune: str = _f("global", "fine-tuning after each step: global (all weights), local+global (first only the "
+    finetune: str = setting("global", "fine-tuning after each step: global (all weights), local+global (first only the "
                        "just-pruned layers, then all) or none", choices=_FINETUNE_SCHEMES)
-    local_epochs: int = _f(1, "local+global: epochs that train only the just-pruned layers after each step")
-    step_epochs: int = _f(1, "global fine-tuning epochs after each step but the last")
-    epochs: int = _f(5, "global fine-tuning epochs after the last step")
-    lr: float = _f(0.01, "fine-tuning learning rate (SGD, cosine schedule within each fine-tuning phase)")
-    momentum: float = _f(0.9, "SGD momentum")
-    weight_decay: float = _f(1e-4, "weight decay (only kept weights exist, so pruned ones never come back)")
-    label_smoothing: float = _f(0.0, "label smoothing of the fine-tuning loss (0: none)")
-    cluster_sizes: str = _f("free", "free (plain k-means, as the paper) or equal (k-means then an optimal "
+    local_epochs: int = setting(1, "local+global: epochs that train only the just-pruned layers after each step")
+    step_epochs: int = setting(1, "global fine-tuning epochs after each step but the last")
+    epochs: int = setting(5, "global fine-tuning epochs after the last step")
+    lr: float = setting(0.01, "fine-tuning learning rate (SGD, cosine schedule within each fine-tuning phase)")
+    momentum: float = setting(0.9, "SGD momentum")
+    weight_decay: float = setting(1e-4, "weight decay (only kept weights exist, so pruned ones never come back)")
+    label_smoothing: float = setting(0.0, "label smoothing of the fine-tuning loss (0: none)")
+    cluster_sizes: str = setting("free", "free (plain k-means, as the paper) or equal (k-means then an optimal "
                             "assignment into clusters of equal size: faster grouped kernels)",
                             choices=("free", "equal"))
-    threshold: str = _f("layer", "layer (the paper: one percentile threshold over all centroid values of a layer) or "
+    threshold: str = setting("layer", "layer (the paper: one percentile threshold over all centroid values of a layer) or "
                         "cluster (every cluster keeps the same share of its input channels: groups of equal width, "
                         "which the grouped kernel runs without padding)", choices=("layer", "cluster"))
-    kmeans_init: str = _f("k-means++", "k-means initialisation (the paper's code: random)",
+    kmeans_init: str = setting("k-means++", "k-means initialisation (the paper's code: random)",
                           choices=("k-means++", "random"))
-    kmeans_restarts: int = _f(10, "k-means restarts per layer (the best one is kept)")
-    seed: int = _f(0, "seed of k-means, calibration batches and fine-tuning")
-    progress: bool = _f(True, "show progress bars")
+    kmeans_restarts: int = setting(10, "k-means restarts per layer (the best one is kept)")
+    seed: int = setting(0, "seed of k-means, calibration batches and fine-tuning")
+    progress: bool = setting(True, "show progress bars")
 
     def __post_init__(self) -> None:
         from nas_grouping.specs import parse_clusters, parse_fraction, parse_patterns
@@ -397,7 +399,7 @@ class SelfGroupingConfig:
             if self.fraction is not None:
                 raise ConfigError(f"give either fraction ({self.fraction}) or budget ({self.budget}), not both")
         if self.latency_budget is not None:
-            from nas_grouping.latency.measure import parse_latency_budget
+            from nas_grouping.budget import parse_latency_budget
 
             parse_latency_budget(self.latency_budget, 1.0)  # checks the form; resolved against the measured model
             if isinstance(self.fraction, dict):
@@ -448,28 +450,28 @@ class SelfGroupingConfig:
 class CompressConfig:
     """`nas-grouping compress`: a saved model, the self-grouping pass, the data, and where to write."""
 
-    model: str | None = _f(None, "a saved model folder (save_model), or a search run folder (its model/ is used)")
-    arch: str | None = _f(None, "instead of --model: a torchvision model name (e.g. resnet18) or a registered space "
+    model: str | None = setting(None, "a saved model folder (save_model), or a search run folder (its model/ is used)")
+    arch: str | None = setting(None, "instead of --model: a torchvision model name (e.g. resnet18) or a registered space "
                           "name, built dense for the data set's classes and channels, weights from --state-dict")
-    state_dict: str | None = _f(None, "with --arch: a state dict file (torch.save), or a checkpoint holding one "
+    state_dict: str | None = setting(None, "with --arch: a state dict file (torch.save), or a checkpoint holding one "
                                 "under 'model' or 'state_dict'")
-    arch_kwargs: dict = _f({}, "extra builder arguments of --arch, as JSON")
-    channels: Any = _f(None, "channel pruning before self-grouping: the share of every set of coupled channels to "
+    arch_kwargs: dict = setting({}, "extra builder arguments of --arch, as JSON")
+    channels: Any = setting(None, "channel pruning before self-grouping: the share of every set of coupled channels to "
                        "remove (0-1; L1 magnitude; channels a residual addition ties go together), or auto with "
                        "--latency-measured: the least share whose measured latency meets --latency-budget (the MAC "
                        "budget is left to the pass). Budget shares stay shares of the input model")
     grouping: SelfGroupingConfig = field(default_factory=SelfGroupingConfig,
                                          metadata={"help": "self-grouping settings"})
     data: DataConfig = field(default_factory=DataConfig, metadata={"help": "data set settings"})
-    device: str = _f("auto", "auto, cpu, cuda or cuda:N")
-    precision: str = _f("32", "32, bf16 or 16 (16 needs a GPU)", choices=("32", "bf16", "16"))
-    channels_last: bool = _f(False, "fine-tune in channels-last memory format")
-    latency_batches: Any = _f([1, 32], "batch sizes at which the summary times the input and compressed models "
+    device: str = setting("auto", "auto, cpu, cuda or cuda:N")
+    precision: str = setting("32", "32, bf16 or 16 (16 needs a GPU)", choices=("32", "bf16", "16"))
+    channels_last: bool = setting(False, "fine-tune in channels-last memory format")
+    latency_batches: Any = setting([1, 32], "batch sizes at which the summary times the input and compressed models "
                               "(comma-separated; empty: no timing)")
-    latency_repeats: int = _f(10, "timed repetitions per model and batch size (median reported)")
-    out: str = _f("runs/compress", "run folder (checkpoint, compressed model, reports)")
-    protocol: str | None = _f(None, PROTOCOL_HELP)
-    protocol_applied: bool = _f(False, "set once the protocol has filled the settings", cli=False)
+    latency_repeats: int = setting(10, "timed repetitions per model and batch size (median reported)")
+    out: str = setting("runs/compress", "run folder (checkpoint, compressed model, reports)")
+    protocol: str | None = setting(None, PROTOCOL_HELP)
+    protocol_applied: bool = setting(False, "set once the protocol has filled the settings", cli=False)
 
     def __post_init__(self) -> None:
         if isinstance(self.data, dict):
@@ -576,36 +578,36 @@ class TuneConfig:
     command line.
     """
 
-    trials: int = _f(20, "trials of the study in all (all workers together; a resumed study counts the ones done)")
-    objective: str = _f("accuracy", "accuracy: maximize validation accuracy, pruning bad trials early; pareto: "
+    trials: int = setting(20, "trials of the study in all (all workers together; a resumed study counts the ones done)")
+    objective: str = setting("accuracy", "accuracy: maximize validation accuracy, pruning bad trials early; pareto: "
                         "accuracy vs MACs, the Pareto front of feasible trials (no pruning); pareto-latency: "
                         "accuracy vs the final model's latency measured on this machine (CPU, at "
                         "--trial-latency-batch; no pruning)",
                         choices=TUNE_OBJECTIVES)
-    knobs: dict = _f({}, "knob space as JSON {knob: {low, high, log, step} or {choices: [...]} or null to drop a "
+    knobs: dict = setting({}, "knob space as JSON {knob: {low, high, log, step} or {choices: [...]} or null to drop a "
                      "default}; knobs are fields of the job's config (space_kwargs.NAME for builder arguments; "
                      "compress: share, clusters, lr, ...)")
-    sampler: str = _f("tpe", "sampler: tpe, random, gp (Gaussian process) or nsgaii (multi-objective)",
+    sampler: str = setting("tpe", "sampler: tpe, random, gp (Gaussian process) or nsgaii (multi-objective)",
                       choices=TUNE_SAMPLERS)
-    pruner: str = _f("auto", "pruner, judging a search trial from the middle of its search phase on: auto "
+    pruner: str = setting("auto", "pruner, judging a search trial from the middle of its search phase on: auto "
                      "(percentile for accuracy, none for pareto), percentile (stops the worst quarter), median, "
                      "hyperband or none", choices=TUNE_PRUNERS)
-    startup_trials: int = _f(5, "trials sampled at random before the sampler models the space and the pruner prunes")
-    enqueue: list = _f([], "known-good knob settings to run first, as a JSON list of {knob: value}")
-    storage: str | None = _f(None, "where the study lives: default a SQLite file in --out (a journal file with "
+    startup_trials: int = setting(5, "trials sampled at random before the sampler models the space and the pruner prunes")
+    enqueue: list = setting([], "known-good knob settings to run first, as a JSON list of {knob: value}")
+    storage: str | None = setting(None, "where the study lives: default a SQLite file in --out (a journal file with "
                              "--workers > 1); 'sqlite', 'journal', or a database URL such as "
                              "postgresql+psycopg2://user:password@host:5432/db shared by workers on many machines")
-    study_name: str | None = _f(None, "study name in the storage (default: the name of the --out folder)")
-    workers: int = _f(1, "processes on this machine working on the study at once")
-    timeout: float | None = _f(None, "seconds after which no new trial starts (running ones finish)")
-    heartbeat: int = _f(60, "database storages: seconds between a running trial's heartbeats; a trial silent for "
+    study_name: str | None = setting(None, "study name in the storage (default: the name of the --out folder)")
+    workers: int = setting(1, "processes on this machine working on the study at once")
+    timeout: float | None = setting(None, "seconds after which no new trial starts (running ones finish)")
+    heartbeat: int = setting(60, "database storages: seconds between a running trial's heartbeats; a trial silent for "
                         "3 beats (its worker died) is failed and retried once")
-    trial_latency_budget: Any = _f(None, "hard latency budget of every trial's final model, measured on this machine "
+    trial_latency_budget: Any = setting(None, "hard latency budget of every trial's final model, measured on this machine "
                                    "(CPU) after training in its fastest exact forms and layout: milliseconds (2.5ms) "
                                    "or a fraction in (0, 1] of the dense model's latency (search: the dense searched "
                                    "space; compress: the input model), measured once per study; a trial over it is "
                                    "infeasible (never best). Not the job's own --latency-budget (a predicted one)")
-    trial_latency_batch: int = _f(1, "batch size at which --trial-latency-budget and objective pareto-latency measure "
+    trial_latency_batch: int = setting(1, "batch size at which --trial-latency-budget and objective pareto-latency measure "
                                   "each trial's final model (and the dense reference)")
 
     def __post_init__(self) -> None:
@@ -639,7 +641,7 @@ class TuneConfig:
             raise ConfigError(f"pruner {self.pruner!r} needs objective=accuracy: Optuna cannot prune multi-objective "
                               f"trials; use --pruner none (or auto) with --objective {self.objective}")
         if self.trial_latency_budget is not None:
-            from nas_grouping.latency.measure import parse_latency_budget
+            from nas_grouping.budget import parse_latency_budget
 
             spec = self.trial_latency_budget
             if isinstance(spec, bool) or not isinstance(spec, (str, int, float)):

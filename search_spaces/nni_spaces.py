@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 from ._registry import get_space, list_spaces
 
 if TYPE_CHECKING:
-    from nas_grouping.integrations.nni_space import DGConvModelSpace
+    from nas_grouping.integrations.nni.space import DGConvModelSpace
 
 __all__ = [
     "nni_space", "list_nni_spaces",

@@ -349,3 +349,24 @@ def test_a_run_saved_before_a_setting_existed_still_resumes():
     old["lr"] = 0.5
     with pytest.raises(ConfigError, match="lr: run has 0.5"):
         check_same_settings(old, now, allowed=set(), where="run", kind=SearchConfig)
+
+
+def test_unstable_timings_are_taken_again_then_named():
+    import itertools
+    import time
+    import warnings
+
+    from nas_grouping.latency.timer import UnstableTimingWarning, sample_ms
+
+    calls = itertools.count()
+
+    def busy_machine():  # every other call is held up 20x: another process took the core
+        time.sleep(0.02 if next(calls) % 2 else 0.001)
+
+    with pytest.warns(UnstableTimingWarning, match="unstable timings: busy"):
+        times = sample_ms({"busy": busy_machine, "steady": lambda: time.sleep(0.001)}, warmup=0, repeats=8)
+    assert next(calls) == 2 * 8  # sampled twice (one retry) before warning
+    assert len(times["busy"]) == 8
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UnstableTimingWarning)
+        sample_ms({"steady": lambda: time.sleep(0.002)}, warmup=0, repeats=8)

@@ -16,10 +16,11 @@ from nas_grouping import (
     BudgetError, ConfigError, DGConv2d, PermutedGroupConv2d, SelfGrouping, SelfGroupingConfig, count_macs,
     export_model, load_model, save_model, self_group,
 )
-from nas_grouping.self_grouping._cluster import balance_labels, centroid_prune, kmeans_labels, taylor_importance
+from nas_grouping.importance import taylor_importance
+from nas_grouping.self_grouping._cluster import balance_labels, centroid_prune, kmeans_labels
 from nas_grouping.errors import RunExistsError
 from nas_grouping.self_grouping._layers import Prunable
-from nas_grouping.self_grouping.importance import (IMPORTANCES, Importance, MagnitudeImportance, TaylorImportance,
+from nas_grouping.importance import (IMPORTANCES, Importance, MagnitudeImportance, TaylorImportance,
                                                    register_importance)
 from nas_grouping.specs import list_cluster_rules, parse_clusters, resolve_clusters
 from nas_grouping.data import DataConfig, load_datasets

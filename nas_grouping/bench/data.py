@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
-from nas_grouping.config import _f
+from nas_grouping.config import setting
 from nas_grouping.data import DataConfig, load_datasets
 from nas_grouping.errors import ConfigError
 from nas_grouping.runtime import setup_runtime
@@ -33,14 +33,14 @@ __all__ = ["DataBenchConfig", "bench_data", "format_data_bench"]
 class DataBenchConfig:
     """`nas-grouping bench data`: the data path against the model's step time."""
 
-    data_dir: str = _f("../shared/data/cifar10", "CIFAR-10: the JPEG copy (tarball or folder) or the pickle folder")
-    space: str = _f("resnet20", "the model whose step time the data path is compared with")
-    batch_size: int = _f(256, "batch size")
-    batches: int | None = _f(None, "batches of the in-memory epoch to time (default: the whole epoch)")
-    old_batches: int = _f(8, "batches timed through the per-sample torchvision transforms (extrapolated)")
-    old_workers: int = _f(0, "DataLoader workers of the per-sample path")
-    channels_last: bool = _f(True, "the model in channels-last memory format (faster on this CPU)")
-    out: str | None = _f(None, "also write the result as JSON here")
+    data_dir: str = setting("../shared/data/cifar10", "CIFAR-10: the JPEG copy (tarball or folder) or the pickle folder")
+    space: str = setting("resnet20", "the model whose step time the data path is compared with")
+    batch_size: int = setting(256, "batch size")
+    batches: int | None = setting(None, "batches of the in-memory epoch to time (default: the whole epoch)")
+    old_batches: int = setting(8, "batches timed through the per-sample torchvision transforms (extrapolated)")
+    old_workers: int = setting(0, "DataLoader workers of the per-sample path")
+    channels_last: bool = setting(True, "the model in channels-last memory format (faster on this CPU)")
+    out: str | None = setting(None, "also write the result as JSON here")
 
     def __post_init__(self) -> None:
         for name in ("batch_size", "old_batches"):

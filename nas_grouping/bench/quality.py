@@ -27,7 +27,7 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from nas_grouping.config import PROTOCOL_HELP, CompressConfig, SearchConfig, SelfGroupingConfig, _f, config_from_dict, \
+from nas_grouping.config import PROTOCOL_HELP, CompressConfig, SearchConfig, SelfGroupingConfig, setting, config_from_dict, \
     config_to_dict
 from nas_grouping.protocols import apply_protocol_defaults, merge_protocol
 from nas_grouping.data import DataConfig, load_datasets
@@ -45,21 +45,21 @@ METHODS = ("dense", "uniform", "search", "self_grouping", "pipeline")
 class QualityConfig:
     """The accuracy-at-equal-budgets benchmark."""
 
-    space: str = _f("digits_convnet", "search space (a digits network by default)")
-    space_kwargs: dict = _f({}, "builder arguments of the space, as JSON")
+    space: str = setting("digits_convnet", "search space (a digits network by default)")
+    space_kwargs: dict = setting({}, "builder arguments of the space, as JSON")
     data: DataConfig = field(default_factory=DataConfig, metadata={"help": "data set settings"})
-    budgets: list = _f([0.25, 0.125, 0.0625], "MAC budgets as fractions of the dense model")
-    seeds: int = _f(5, "seeds per (method, budget)")
-    epochs: int = _f(15, "training epochs of every dense / uniform / search cell")
-    sg_epochs: int = _f(5, "self-grouping fine-tuning epochs (on top of the trained dense model)")
-    methods: list = _f(list(METHODS), "methods to run")
-    pipeline_budget: float | None = _f(None, "the budget of the pipeline method (default: the smallest)")
-    quick: bool = _f(False, "2 seeds and the first budget only (a smoke run)")
-    out: str = _f("runs/quality", "run folder (resumable: finished cells are not rerun)")
-    progress: bool = _f(True, "show progress bars")
-    protocol: str | None = _f(None, PROTOCOL_HELP + "; every cell trains by it (epochs and sg_epochs are then the "
+    budgets: list = setting([0.25, 0.125, 0.0625], "MAC budgets as fractions of the dense model")
+    seeds: int = setting(5, "seeds per (method, budget)")
+    epochs: int = setting(15, "training epochs of every dense / uniform / search cell")
+    sg_epochs: int = setting(5, "self-grouping fine-tuning epochs (on top of the trained dense model)")
+    methods: list = setting(list(METHODS), "methods to run")
+    pipeline_budget: float | None = setting(None, "the budget of the pipeline method (default: the smallest)")
+    quick: bool = setting(False, "2 seeds and the first budget only (a smoke run)")
+    out: str = setting("runs/quality", "run folder (resumable: finished cells are not rerun)")
+    progress: bool = setting(True, "show progress bars")
+    protocol: str | None = setting(None, PROTOCOL_HELP + "; every cell trains by it (epochs and sg_epochs are then the "
                               "protocol's)")
-    protocol_applied: bool = _f(False, "set once the protocol has filled the settings", cli=False)
+    protocol_applied: bool = setting(False, "set once the protocol has filled the settings", cli=False)
 
     def __post_init__(self) -> None:
         if isinstance(self.data, dict):

@@ -46,13 +46,14 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from nas_grouping.config import _f
-from nas_grouping.channels.pruning import ChannelPruning, least_ratio
+from nas_grouping.config import setting
+from nas_grouping.channels.pruning import least_ratio
 from nas_grouping.errors import BudgetError, ConfigError
-from nas_grouping.graph.fold import count_gathers
-from nas_grouping.latency.measure import LatencyCost, MeasuredLatency, choose_fastest_forms, fastest_layouts, profile_layers
-from nas_grouping.macs import count_macs
+from nas_grouping.latency.measure import LatencyCost, MeasuredLatency, fastest_layouts, profile_layers
 from nas_grouping.latency.timer import machine_info
+from nas_grouping.macs import count_macs
+from nas_grouping.pipeline.hybrid import HybridCompression, export_fastest, gate_batches, project_gates, \
+    project_gates_to_latency
 
 __all__ = ["SpeedConfig", "run_speed", "format_speed", "NETWORKS", "torch_pruning_prune"]
 
@@ -68,15 +69,15 @@ METHODS = ("ours-macs", "ours-latency", "ours-hybrid", "torch-pruning")
 class SpeedConfig:
     """`nas-grouping bench speed`: which networks, budgets and batch sizes, and how long to time."""
 
-    networks: Any = _f(["resnet56", "resnet50"], "networks, comma-separated: " + ", ".join(NETWORKS))
-    budgets: Any = _f([0.5, 0.25], "MAC budgets as shares of the dense MACs, comma-separated")
-    batches: Any = _f([1, 32], "batch sizes, comma-separated")
-    repeats: int = _f(10, "timed repetitions of every model (median kept)")
-    warmup: int = _f(2, "untimed calls of every model first")
-    profile_repeats: int = _f(5, "repetitions per candidate when profiling the latency table")
-    seed: int = _f(0, "seed of the weights and the gate-gradient batch")
-    quick: bool = _f(False, "a smoke run: resnet56 only, batches 1 and 4, 2 repetitions")
-    out: str | None = _f(None, "also write the rows as CSV here")
+    networks: Any = setting(["resnet56", "resnet50"], "networks, comma-separated: " + ", ".join(NETWORKS))
+    budgets: Any = setting([0.5, 0.25], "MAC budgets as shares of the dense MACs, comma-separated")
+    batches: Any = setting([1, 32], "batch sizes, comma-separated")
+    repeats: int = setting(10, "timed repetitions of every model (median kept)")
+    warmup: int = setting(2, "untimed calls of every model first")
+    profile_repeats: int = setting(5, "repetitions per candidate when profiling the latency table")
+    seed: int = setting(0, "seed of the weights and the gate-gradient batch")
+    quick: bool = setting(False, "a smoke run: resnet56 only, batches 1 and 4, 2 repetitions")
+    out: str | None = setting(None, "also write the rows as CSV here")
 
     def __post_init__(self) -> None:
         for name, cast in (("networks", str), ("budgets", float), ("batches", int)):
@@ -135,128 +136,6 @@ def torch_pruning_prune(dense: torch.nn.Module, input_size: tuple[int, ...], bud
     return prune(ratio).eval(), ratio
 
 
-def _bound(cost: LatencyCost, model: torch.nn.Module) -> LatencyCost:
-    """``cost`` (a table's per-layer times) reading the gates of ``model``, a copy of the one it was made for."""
-    view = copy.copy(cost)
-    view.layers = [(n, model.get_submodule(n), v) for n, _, v in cost.layers]
-    return view
-
-
-def _all_on(searchable: torch.nn.Module) -> torch.nn.Module:
-    """A copy of ``searchable`` with every gate on (dense), where a search's projection starts."""
-    from nas_grouping.convert import dgconv_layers
-
-    model = copy.deepcopy(searchable)
-    for _, layer in dgconv_layers(model):
-        layer.set_groups(1)
-    return model
-
-
-def _project(searchable: torch.nn.Module, input_size: tuple[int, ...], budget_macs: int, batches: list
-             ) -> torch.nn.Module:
-    """A copy of ``searchable`` with all gates on, projected to the MAC budget."""
-    from nas_grouping.budget import ModelCost
-    from nas_grouping.runtime import Runtime
-    from nas_grouping.search.loop import project_to_budget
-
-    model = _all_on(searchable)
-    project_to_budget(model, ModelCost(model, input_size), budget_macs, batches, Runtime(torch.device("cpu")))
-    return model.eval()
-
-
-def _grad_batches(searchable: torch.nn.Module, input_size: tuple[int, ...], seed: int) -> list:
-    """One seeded random batch for the gate gradients, at most 64x64 (the networks pool globally)."""
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(2, input_size[0], min(input_size[1], 64), min(input_size[2], 64), generator=g)
-    with torch.no_grad():
-        classes = searchable.eval()(x[:1]).shape[1]
-    return [(x, torch.randint(0, classes, (2,), generator=g))]
-
-
-def _with_latency_budget(searchable: torch.nn.Module, input_size: tuple[int, ...], budget_macs: int, batches: list,
-                         cost: LatencyCost, fraction: float, measure: MeasuredLatency
-                         ) -> tuple[torch.nn.Module, dict[str, Any]]:
-    """Gates projected to the MAC budget and ``fraction`` of the dense model's *measured* latency:
-    the table steers the projection, whole-model measurements correct its target
-    (``search.project_to_measured_latency``)."""
-    from nas_grouping.budget import ModelCost
-    from nas_grouping.runtime import Runtime
-    from nas_grouping.search.loop import project_to_measured_latency
-
-    model = _all_on(searchable)
-    budget_ms = fraction * measure.reference_ms
-    loop = project_to_measured_latency(model, ModelCost(model, input_size), budget_macs, batches,
-                                       Runtime(torch.device("cpu")), _bound(cost, model), budget_ms, measure,
-                                       reference_ms=measure.reference_ms)
-    info = {"table_dense_ms": cost.dense_ms, "budget_ms": budget_ms, "predicted_ms": loop["predicted_ms"],
-            "loop_measured_ms": loop["measured_ms"], "loop_tries": len(loop["tries"])}
-    if not loop["met"]:
-        info["note"] = (f"{fraction:g} of the dense latency ({budget_ms:.3f} ms measured) was not met in "
-                        f"{len(loop['tries'])} measured tries with the MAC budget; the fastest: "
-                        f"{loop['measured_ms']:.3f} ms (table {loop['predicted_ms']:.3f} ms)")
-    return model.eval(), info
-
-
-def _hybrid(channels: ChannelPruning, input_size: tuple[int, ...], budget_macs: int, batch: int, fraction: float,
-            measure: MeasuredLatency, profile_repeats: int, seed: int, grouped: torch.nn.Module, grouped_ms: float
-            ) -> tuple[torch.nn.Module, dict[str, Any]]:
-    """Channel pruning, then grouping if that is not enough, at ``fraction`` of the dense model's measured
-    latency and within ``budget_macs``.
-
-    The channel ratio is found by measurement (``ChannelPruning.prune_to_latency``). If it
-    misses the budget, the pruned network is converted to DGConv and its gates projected by
-    the measured loop, starting from its own measured time. Of these and ``grouped``
-    (``ours-latency``'s model, measured ``grouped_ms`` by the same ``measure``), the one that
-    meets the budget with the most MACs is chosen; if none does, they are timed side by side
-    (the loops' single timings are too noisy to rank close candidates) and the fastest wins.
-    """
-    from nas_grouping.budget import ModelCost
-    from nas_grouping.convert import convert_to_dgconv
-    from nas_grouping.runtime import Runtime
-    from nas_grouping.search.loop import project_to_measured_latency
-
-    budget_ms = fraction * measure.reference_ms
-    pruned, ratio, report = channels.prune_to_latency(budget_ms, measure, budget_macs=budget_macs)
-    searchable = convert_to_dgconv(pruned).eval()
-    candidates = {"groups alone": (grouped, grouped_ms), "pruned channels": (_all_on(searchable),
-                                                                             report["measured_ms"])}
-    info: dict[str, Any] = {"channel_ratio": ratio, "channel_tries": len(report["tries"]), "loop_tries": 0}
-    if not report["met"]:
-        cost = LatencyCost(searchable, profile_layers(searchable, input_size, batch=batch, repeats=profile_repeats,
-                                                      warmup=1))
-        gated = _all_on(searchable)
-        loop = project_to_measured_latency(gated, ModelCost(gated, input_size), budget_macs,
-                                           _grad_batches(searchable, input_size, seed), Runtime(torch.device("cpu")),
-                                           _bound(cost, gated), budget_ms, measure, reference_ms=report["measured_ms"])
-        info.update(loop_tries=len(loop["tries"]), predicted_ms=loop["predicted_ms"])
-        candidates["pruned channels and groups"] = (gated, loop["measured_ms"])
-    met = {k: v for k, v in candidates.items() if v[1] <= budget_ms}
-    if met:
-        choice = max(met, key=lambda k: count_macs(met[k][0], input_size))
-    else:
-        times = fastest_layouts({k: measure.export(m) for k, (m, _) in candidates.items()}, input_size, batch=batch,
-                                repeats=measure.repeats, warmup=measure.warmup)
-        choice = min(times, key=lambda k: times[k][1])
-        info["note"] = (f"{fraction:g} of the dense latency ({budget_ms:.3f} ms measured) was not met; the fastest "
-                        f"side by side of {', '.join(candidates)}: {choice}")
-    model, measured = candidates[choice]
-    if choice == "groups alone":
-        info["channel_ratio"] = 0.0
-    info.update(hybrid_choice=choice, loop_measured_ms=measured, budget_ms=budget_ms)
-    return model.eval(), info
-
-
-def _export_fastest(model: torch.nn.Module, input_size: tuple[int, ...], batch: int
-                    ) -> tuple[torch.nn.Module, dict[str, Any]]:
-    from nas_grouping.convert import dgconv_layers
-    from nas_grouping.export.model import export_model
-
-    exported, forms = choose_fastest_forms(export_model(model), input_size, batch=batch)
-    return exported, {"groups": [layer.learned_groups for _, layer in dgconv_layers(model)],
-                      "dense_form_layers": sum(1 for v in forms["layers"].values() if v["form"] == "dense"),
-                      "channel_gathers": count_gathers(exported)}
-
-
 def run_speed(cfg: SpeedConfig) -> pd.DataFrame:
     """Build every model, time them side by side per network and batch, and return one row per model."""
     from search_spaces import get_space
@@ -275,28 +154,33 @@ def run_speed(cfg: SpeedConfig) -> pd.DataFrame:
                               strict=False)
         dense_macs = count_macs(dense, size)
         pruned, macs_only = {}, {}
-        batches = _grad_batches(searchable, size, cfg.seed)
-        channels = ChannelPruning(dense, size, round_to=8)
+        batches = gate_batches(searchable, size, cfg.seed)
         for budget in cfg.budgets:
             pruned[budget] = torch_pruning_prune(dense, size, int(budget * dense_macs))
-            macs_only[budget] = _project(searchable, size, int(budget * dense_macs), batches)
+            macs_only[budget] = project_gates(searchable, size, int(budget * dense_macs), batches)
             bar.update()
         for batch in cfg.batches:
             cost = LatencyCost(searchable, profile_layers(searchable, size, batch=batch, repeats=cfg.profile_repeats,
                                                           warmup=1))
             measure = MeasuredLatency(dense, size, batch=batch, repeats=cfg.profile_repeats, warmup=1)
+            hybrid = HybridCompression(dense, size, batch=batch, round_to=8, repeats=cfg.profile_repeats,
+                                       seed=cfg.seed, measure=measure)
             models: dict[str, torch.nn.Module] = {"dense": dense}
             meta: dict[str, dict[str, Any]] = {"dense": {"method": "dense", "budget": 1.0}}
             for budget in cfg.budgets:
                 budget_macs = int(budget * dense_macs)
-                gated, info = _with_latency_budget(searchable, size, budget_macs, batches, cost, budget, measure)
-                hybrid, hinfo = _hybrid(channels, size, budget_macs, batch, budget, measure, cfg.profile_repeats,
-                                        cfg.seed, gated, info["loop_measured_ms"])
-                for method, chosen, extra in (("ours-macs", macs_only[budget], {}), ("ours-latency", gated, info),
-                                              ("ours-hybrid", hybrid, hinfo)):
-                    model, forms = _export_fastest(chosen, size, batch)
+                gated, info = project_gates_to_latency(searchable, size, budget_macs, batches, cost,
+                                                       budget * measure.reference_ms, measure)
+                if "note" in info:
+                    info["note"] = f"{budget:g} of the dense latency: " + info["note"]
+                result = hybrid.run(latency_budget=budget, budget=budget_macs,
+                                    groups_alone=(gated, info["loop_measured_ms"]))
+                for method, chosen, extra in (("ours-macs", macs_only[budget], {}), ("ours-latency", gated, info)):
+                    model, forms = export_fastest(chosen, size, batch)
                     models[f"{method}@{budget}"] = model
                     meta[f"{method}@{budget}"] = {"method": method, "budget": budget, **extra, **forms}
+                models[f"ours-hybrid@{budget}"] = result.model
+                meta[f"ours-hybrid@{budget}"] = {"method": "ours-hybrid", "budget": budget, **result.info}
                 bar.update(3)
                 model, ratio = pruned[budget]
                 models[f"torch-pruning@{budget}"] = model

@@ -26,9 +26,9 @@ from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
 from nas_grouping.channels.importance import ChannelImportance, L1Importance
-from nas_grouping.errors import BudgetError, ConfigError, ExportError
+from nas_grouping.errors import BudgetError, ConfigError
 from nas_grouping.export.records import NORMS, set_widths
-from nas_grouping.graph.fold import _PER_CHANNEL_FUNCTIONS, _PER_CHANNEL_METHODS, _PER_CHANNEL_MODULES, _Tracer
+from nas_grouping.graph.tracing import PER_CHANNEL_FUNCTIONS, PER_CHANNEL_METHODS, PER_CHANNEL_MODULES, Tracer
 from nas_grouping.macs import check_input_size, count_macs
 
 __all__ = ["ChannelPruning", "ChannelSet", "prune_channels", "least_ratio", "set_widths"]
@@ -147,7 +147,7 @@ class ChannelPruning:
     def _trace(self) -> list[ChannelSet]:
         probe = copy.deepcopy(self.model).eval()
         try:
-            graph = _Tracer().trace(probe)
+            graph = Tracer().trace(probe)
         except Exception as exc:
             raise ConfigError(f"channel pruning traces the model with torch.fx, which failed: "
                               f"{type(exc).__name__}: {exc}") from exc
@@ -207,9 +207,9 @@ class ChannelPruning:
             if out is None and src is not None and len(_tensor_args(node)) == 1:
                 stateless = module is not None and next(iter(module.parameters()), None) is None \
                     and next(iter(module.buffers()), None) is None
-                if (isinstance(module, _PER_CHANNEL_MODULES) and stateless
-                        or node.op == "call_function" and node.target in _PER_CHANNEL_FUNCTIONS
-                        or node.op == "call_method" and node.target in _PER_CHANNEL_METHODS
+                if (isinstance(module, PER_CHANNEL_MODULES) and stateless
+                        or node.op == "call_function" and node.target in PER_CHANNEL_FUNCTIONS
+                        or node.op == "call_method" and node.target in PER_CHANNEL_METHODS
                         or _flattens_one_per_channel(node, _shape(first), module)):
                     out = src
             if out is None and (node.op == "call_function" and node.target in _ELEMENTWISE

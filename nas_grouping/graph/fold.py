@@ -16,36 +16,18 @@ from __future__ import annotations
 
 import copy
 import warnings
+
 import torch
-import torch.nn.functional as F
 from torch import Tensor, fx, nn
 
+from nas_grouping.graph.tracing import PER_CHANNEL_FUNCTIONS, PER_CHANNEL_METHODS, PER_CHANNEL_MODULES, Tracer
 from nas_grouping.ops.group_conv import PermutedGroupConv2d
 
 __all__ = ["fold_permutations", "count_gathers", "FoldWarning"]
 
-#: layers that act on each channel alone: a channel permutation passes through them
-_PER_CHANNEL_MODULES = (nn.BatchNorm2d, nn.ReLU, nn.ReLU6, nn.SiLU, nn.Hardswish, nn.Hardsigmoid, nn.GELU,
-                        nn.LeakyReLU, nn.ELU, nn.Sigmoid, nn.Tanh, nn.Identity, nn.Dropout, nn.MaxPool2d,
-                        nn.AvgPool2d, nn.AdaptiveAvgPool2d)
-_PER_CHANNEL_FUNCTIONS = {F.relu, torch.relu, F.relu6, F.silu, F.hardswish, F.gelu, torch.sigmoid, F.sigmoid,
-                          torch.tanh, F.leaky_relu, F.elu, F.dropout, F.max_pool2d, F.avg_pool2d,
-                          F.adaptive_avg_pool2d}
-_PER_CHANNEL_METHODS = {"relu", "relu_", "sigmoid", "tanh"}
-
 
 class FoldWarning(UserWarning):
     """Permutations were left in place (the model could not be traced)."""
-
-
-class _Tracer(fx.Tracer):
-    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        from nas_grouping.ops.dgconv import DGConv2d
-        from nas_grouping.ops.diverse_group import DiverseGroupConv2d, DiverseGroupLinear
-
-        if isinstance(m, (PermutedGroupConv2d, DGConv2d, DiverseGroupConv2d, DiverseGroupLinear)):
-            return True
-        return super().is_leaf_module(m, qualname)
 
 
 def count_gathers(model: nn.Module) -> int:
@@ -59,7 +41,7 @@ class _Graph:
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
-        self.graph = _Tracer().trace(model)
+        self.graph = Tracer().trace(model)
         self.calls: dict[str, int] = {}
         for node in self.graph.nodes:
             if node.op == "call_module":
@@ -76,11 +58,11 @@ class _Graph:
             m = self.model.get_submodule(node.target)
             stateless = next(iter(m.parameters()), None) is None and next(iter(m.buffers()), None) is None
             # a module called twice serves two channel orders, unless it holds nothing per channel (an activation)
-            return isinstance(m, _PER_CHANNEL_MODULES) and (stateless or self.calls[node.target] == 1)
+            return isinstance(m, PER_CHANNEL_MODULES) and (stateless or self.calls[node.target] == 1)
         if node.op == "call_function":
-            return node.target in _PER_CHANNEL_FUNCTIONS
+            return node.target in PER_CHANNEL_FUNCTIONS
         if node.op == "call_method":
-            return node.target in _PER_CHANNEL_METHODS
+            return node.target in PER_CHANNEL_METHODS
         return False
 
     @staticmethod

@@ -26,7 +26,7 @@ from torch.nn.modules.conv import _ConvNd
 from nas_grouping.files import atomic_write
 from nas_grouping.latency.timer import median_ms
 from nas_grouping.errors import ConfigError
-from nas_grouping.latency.measure import LAYOUTS, _input, _set_layout, fastest_layouts, measured_on
+from nas_grouping.latency.measure import LAYOUTS, example_input, set_layout, fastest_layouts, measured_on
 from nas_grouping.macs import check_input_size, count_macs, layer_macs
 from nas_grouping.ops.dgconv import DGConv2d
 from nas_grouping.ops.diverse_group import DiverseGroupConv2d, DiverseGroupLinear
@@ -144,9 +144,9 @@ def layer_latency(dense: nn.Module, exported: nn.Module, input_size: Sequence[in
         best = fastest_layouts(models, size, batch=b, repeats=repeats, warmup=warmup)
         layouts[f"b{b}"] = {k: v[0] for k, v in best.items()}
         for k, m in models.items():
-            _set_layout(m, best[k][0])  # outside inference mode: parameters must stay normal tensors
+            set_layout(m, best[k][0])  # outside inference mode: parameters must stay normal tensors
         with torch.inference_mode():
-            inputs = {k: _capture_inputs(m, used[k], _input(size, b, best[k][0], m)) for k, m in models.items()}
+            inputs = {k: _capture_inputs(m, used[k], example_input(size, b, best[k][0], m)) for k, m in models.items()}
             for n in names:
                 fns = {k: (lambda mod=layers[k][n], x=inputs[k][n]: mod(x))
                        for k in models if n in inputs[k]}

@@ -29,6 +29,7 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import Tensor, nn
 
+from nas_grouping.budget import parse_latency_budget
 from nas_grouping.files import atomic_write
 from nas_grouping.latency.timer import enough_repeats, freed_memory_kept, keep_freed_memory, median_ms, sample_ms
 from nas_grouping.convert import dgconv_layers
@@ -74,12 +75,14 @@ def measured_on(device: torch.device | str = "cpu") -> dict[str, Any]:
     return {"device": device_name(device), "threads": torch.get_num_threads(), "torch": torch.__version__}
 
 
-def _set_layout(model: nn.Module, layout: str) -> nn.Module:
+def set_layout(model: nn.Module, layout: str) -> nn.Module:
+    """``model`` in the memory layout ``layout`` (nchw or channels_last), in place."""
     fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
     return model.to(memory_format=fmt)
 
 
-def _input(input_size: Sequence[int], batch: int, layout: str, like: nn.Module) -> Tensor:
+def example_input(input_size: Sequence[int], batch: int, layout: str, like: nn.Module) -> Tensor:
+    """A seeded random batch in ``layout`` on the device of ``like``'s parameters."""
     ref = next(like.parameters(), None)
     device = ref.device if ref is not None else torch.device("cpu")
     x = torch.randn(batch, *input_size, device=device, generator=torch.Generator(device=device).manual_seed(0))
@@ -95,8 +98,8 @@ def sample_models(models: dict[str, nn.Module], input_size: Sequence[int], *, ba
     fns = {}
     for name, model in models.items():
         for layout in layouts:
-            m = _set_layout(copy.deepcopy(model).eval(), layout)  # outside inference mode: parameters stay normal
-            fns[name, layout] = (lambda m=m, x=_input(size, batch, layout, m): m(x))
+            m = set_layout(copy.deepcopy(model).eval(), layout)  # outside inference mode: parameters stay normal
+            fns[name, layout] = (lambda m=m, x=example_input(size, batch, layout, m): m(x))
     with torch.inference_mode():
         return sample_ms(fns, warmup=warmup, repeats=repeats)
 
@@ -118,7 +121,7 @@ def measure_ms(model: nn.Module, input_size: Sequence[int], *, batch: int = 1, l
     return {layout: statistics.median(v) for (_, layout), v in samples.items()}
 
 
-def _input_layout(model: nn.Module, input_size: Sequence[int], batch: int, repeats: int, warmup: int) -> str:
+def input_layout(model: nn.Module, input_size: Sequence[int], batch: int, repeats: int, warmup: int) -> str:
     """The memory layout in which the whole ``model`` runs faster at ``batch``."""
     return fastest_layouts({"model": model}, input_size, batch=batch, repeats=repeats, warmup=warmup)["model"][0]
 
@@ -144,14 +147,15 @@ def _exported_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
             if _with_forms(model.get_submodule(name)) is not None]
 
 
-def _layer_inputs(model: nn.Module, names: list[str], input_size: Sequence[int], batch: int,
-                  layout: str) -> dict[str, Tensor]:
+def layer_inputs(model: nn.Module, names: list[str], input_size: Sequence[int], batch: int,
+                 layout: str) -> dict[str, Tensor]:
+    """The input each named layer sees in one forward pass of an example batch."""
     inputs: dict[str, Tensor] = {}
     handles = [model.get_submodule(n).register_forward_hook(
         lambda mod, args, out, n=n: inputs.__setitem__(n, args[0].detach())) for n in names]
     try:
         with torch.inference_mode():
-            model(_input(input_size, batch, layout, model))
+            model(example_input(input_size, batch, layout, model))
     finally:
         for h in handles:
             h.remove()
@@ -173,9 +177,9 @@ def choose_fastest_forms(model: nn.Module, input_size: Sequence[int], *, batch: 
     whole = measure_ms(target, size, batch=batch, layouts=LAYOUTS, repeats=repeats,
                        warmup=warmup)
     layout = min(whole, key=whole.get)
-    _set_layout(target, layout)
+    set_layout(target, layout)
     layers = _exported_layers(target)
-    inputs = _layer_inputs(target, [n for n, _ in layers], size, batch, layout)
+    inputs = layer_inputs(target, [n for n, _ in layers], size, batch, layout)
     report: dict[str, Any] = {"batch": batch, "layout": layout, "model_ms": whole, "layers": {},
                               **measured_on(next(target.parameters()).device)}
     for name, layer in layers:
@@ -312,25 +316,6 @@ def meet_measured_budget(attempt: Callable[[float | None], dict[str, Any]], budg
     return best, [{k: v for k, v in t.items() if not k.startswith("_")} for t in tried]
 
 
-def parse_latency_budget(text: str | float, dense_ms: float) -> float:
-    """``"2.5ms"`` -> 2.5 ms; ``0.5`` or ``"0.5"`` -> half the dense model's latency."""
-    t = str(text).strip().lower()
-    try:
-        if t.endswith("ms"):
-            value = float(t[:-2])
-        else:
-            fraction = float(t)
-            if not 0 < fraction <= 1:
-                raise ValueError
-            value = fraction * dense_ms
-    except ValueError:
-        raise ConfigError(f"latency budget {text!r}: expected milliseconds such as 2.5ms or a fraction "
-                          "of the dense latency in (0, 1] such as 0.5") from None
-    if value <= 0:
-        raise ConfigError(f"latency budget {text!r} must be > 0")
-    return value
-
-
 def latency_report(dense: nn.Module, exported: nn.Module, input_size: Sequence[int], *,
                    batches: Sequence[int] = (1, 32), repeats: int = 10) -> dict[str, Any]:
     """Measured latency of the dense and the exported model, side by side, each in its fastest layout."""
@@ -424,12 +409,12 @@ def profile_layers(model: nn.Module, input_size: Sequence[int], *, batch: int = 
     size = check_input_size(input_size)
     model = copy.deepcopy(model).eval()
     if layout is None:
-        layout = _input_layout(model, size, batch, repeats, warmup)
-    _set_layout(model, layout)
+        layout = input_layout(model, size, batch, repeats, warmup)
+    set_layout(model, layout)
     layers = dgconv_layers(model)
     if not layers:
         raise ConfigError("profile_layers: the model has no DGConv2d layer to profile")
-    inputs = _layer_inputs(model, [n for n, _ in layers], size, batch, layout)
+    inputs = layer_inputs(model, [n for n, _ in layers], size, batch, layout)
     from nas_grouping.export.model import export_layer
 
     def candidate(probe: DGConv2d, gates: list[int], form: str) -> nn.Module:
@@ -437,7 +422,7 @@ def profile_layers(model: nn.Module, input_size: Sequence[int], *, batch: int = 
         exported = export_layer(probe).eval()
         c = exported if isinstance(exported, PermutedGroupConv2d) else PermutedGroupConv2d.from_conv(exported)
         c.form = form
-        return _set_layout(c, layout)
+        return set_layout(c, layout)
 
     rows = []
     for name, layer in layers:

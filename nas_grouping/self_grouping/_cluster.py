@@ -1,4 +1,4 @@
-"""SG-CNN's per-layer steps: importance vectors, k-means over filters, centroid-based pruning.
+"""SG-CNN's per-layer steps: k-means over filters (by importance vectors), centroid-based pruning.
 
 Guo et al., "Self-grouping Convolutional Neural Networks", Neural Networks 2020, Sec. 3.
 """
@@ -7,71 +7,14 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
-from typing import Iterable
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
-from nas_grouping.self_grouping._layers import Prunable
-
-__all__ = ["magnitude_importance", "taylor_importance", "kmeans_labels", "balance_labels", "centroid_prune",
-           "Pruning"]
+__all__ = ["kmeans_labels", "balance_labels", "centroid_prune", "Pruning"]
 
 _SMALL_KMEANS = 200_000  # filters x input channels below which k-means runs on one thread
-
-
-def magnitude_importance(layer: Prunable) -> np.ndarray:
-    """|W[o, i]|_1 over the kernel of the dense equivalent (0 where M is 0): the paper's code."""
-    w = layer.dense_weight().float()
-    return w.abs().reshape(w.shape[0], w.shape[1], -1).sum(-1).double().cpu().numpy()
-
-
-def taylor_importance(model: nn.Module, layers: list[Prunable], batches: Iterable) -> dict[str, np.ndarray]:
-    """First-order estimate of the loss change from removing each connection, over calibration batches.
-
-    For connection o <- i and batch b: t_b = sum over the kernel of W * dL_b/dW (the first-order
-    change of the loss when the connection is zeroed); the importance is mean_b |t_b|. The model
-    runs in eval mode (BN statistics and dropout as deployed) and is left unchanged.
-    """
-    ref = next(model.parameters())
-    flags = {m: m.training for m in model.modules()}
-    requires = {p: p.requires_grad for p in model.parameters()}
-    totals = {layer.name: None for layer in layers}
-    count = 0
-    model.eval()
-    try:
-        for p in model.parameters():
-            p.requires_grad_(False)
-        for layer in layers:
-            for p in layer.parameters():
-                p.requires_grad_(True)
-                p.grad = None
-        for x, y in batches:
-            x = x.to(ref.device)
-            y = torch.as_tensor(y).to(ref.device).long()
-            with torch.enable_grad():
-                loss = F.cross_entropy(model(x).float(), y)
-                loss.backward()
-            for layer in layers:
-                w, g = layer.dense_weight().float(), layer.dense_grad().float()
-                t = (w * g).reshape(w.shape[0], w.shape[1], -1).sum(-1).abs()
-                totals[layer.name] = t if totals[layer.name] is None else totals[layer.name] + t
-                for p in layer.parameters():
-                    p.grad = None
-            count += 1
-    finally:
-        for m, t in flags.items():
-            m.training = t
-        for p, r in requires.items():
-            p.requires_grad_(r)
-            p.grad = None
-    if count == 0:
-        from nas_grouping.errors import ConfigError
-
-        raise ConfigError("taylor importance: the calibration data gave no batch")
-    return {name: (t / count).double().cpu().numpy() for name, t in totals.items()}
 
 
 def kmeans_labels(vectors: np.ndarray, k: int, *, seed: int, restarts: int, init: str) -> np.ndarray:

@@ -41,7 +41,7 @@ from torch import nn
 
 from nas_grouping.self_grouping._cluster import Pruning, balance_labels, centroid_prune, kmeans_labels
 from nas_grouping.self_grouping._layers import Prunable, layer_candidates
-from nas_grouping.self_grouping.importance import IMPORTANCES, Importance, MagnitudeImportance, make_importance
+from nas_grouping.importance import IMPORTANCES, Importance, MagnitudeImportance, make_importance
 from nas_grouping.specs import match_layer, resolve_clusters
 from nas_grouping.budget import MacBudget
 from nas_grouping.errors import BudgetError, ConfigError
@@ -227,7 +227,7 @@ class SelfGrouping:
     Args:
         config: the settings (see :class:`~nas_grouping.config.SelfGroupingConfig`).
         importance: a registered name (overrides the config's) or an
-            :class:`~nas_grouping.self_grouping.importance.Importance` object; the config then names
+            :class:`~nas_grouping.importance.Importance` object; the config then names
             the object's registered name, if it has one.
         **overrides: fields of the config to replace, e.g. ``SelfGrouping(budget=0.5)``.
     """

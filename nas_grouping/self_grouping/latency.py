@@ -24,11 +24,12 @@ from typing import TYPE_CHECKING, Any, Sequence
 import torch
 from torch import nn
 
-from nas_grouping.self_grouping._cluster import balance_labels, centroid_prune, kmeans_labels, magnitude_importance
+from nas_grouping.importance import magnitude_importance
+from nas_grouping.self_grouping._cluster import balance_labels, centroid_prune, kmeans_labels
 from nas_grouping.self_grouping._layers import Prunable
 from nas_grouping.latency.timer import median_ms
 from nas_grouping.errors import BudgetError, ConfigError
-from nas_grouping.latency.measure import LatencyTable, _input_layout, _layer_inputs, _set_layout, measure_ms, parse_latency_budget, \
+from nas_grouping.latency.measure import LatencyTable, input_layout, layer_inputs, set_layout, measure_ms, parse_latency_budget, \
     table_meta
 from nas_grouping.macs import check_input_size
 from nas_grouping.ops.diverse_group import FORMS
@@ -73,9 +74,9 @@ def profile_self_grouping(model: nn.Module, input_size: Sequence[int], config: "
     plan = SelfGrouping(plain).plan(model, size)
     model = copy.deepcopy(model).eval()
     if layout is None:
-        layout = _input_layout(model, size, batch, repeats, warmup)
-    _set_layout(model, layout)
-    inputs = _layer_inputs(model, [lp.name for lp in plan.prunable], size, batch, layout)
+        layout = input_layout(model, size, batch, repeats, warmup)
+    set_layout(model, layout)
+    inputs = layer_inputs(model, [lp.name for lp in plan.prunable], size, batch, layout)
     rows: list[dict[str, Any]] = []
     for index, lp in enumerate(plan.prunable):
         if lp.name not in inputs:
@@ -95,7 +96,7 @@ def profile_self_grouping(model: nn.Module, input_size: Sequence[int], config: "
             for form in FORMS:
                 c = copy.deepcopy(built)
                 c.form = form
-                candidates[f, form] = _set_layout(c, layout)
+                candidates[f, form] = set_layout(c, layout)
         with torch.inference_mode():
             t = median_ms({k: (lambda m=m: m(x)) for k, m in candidates.items()}, warmup=warmup, repeats=repeats)
         shape = {"layer": lp.name, "kind": lp.kind, "in_channels": lp.in_channels, "out_channels": lp.out_channels,

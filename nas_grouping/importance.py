@@ -1,5 +1,7 @@
 """How the self-grouping pass scores connections: importance objects, and the names configs give them.
 
+Below the passes (configs validate names against ``IMPORTANCES`` without importing a pass).
+
 An importance scores every connection o <- i of the layers the pass prunes: one array of
 shape (out channels, in channels) per layer name, larger = more important. The pass clusters
 the filters by these vectors and prunes the least important connections of each cluster.
@@ -17,17 +19,31 @@ Importances that read gradients (``needs_calibration``) get the calibration batc
 from __future__ import annotations
 
 import copy
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Protocol
 
 import numpy as np
+import torch
+import torch.nn.functional as F
 from torch import nn
 
 from nas_grouping.errors import ConfigError
-from nas_grouping.self_grouping._cluster import magnitude_importance, taylor_importance
-from nas_grouping.self_grouping._layers import Prunable
+
+
+class Prunable(Protocol):
+    """What an importance reads of a layer the pass prunes (``self_grouping``'s layers are such)."""
+
+    name: str
+
+    def __init__(self, name: str, module: nn.Module) -> None: ...
+
+    def dense_weight(self) -> torch.Tensor: ...
+
+    def dense_grad(self) -> torch.Tensor: ...
+
+    def parameters(self) -> Iterable[nn.Parameter]: ...
 
 __all__ = ["Importance", "MagnitudeImportance", "TaylorImportance", "IMPORTANCES", "register_importance",
-           "make_importance"]
+           "make_importance", "magnitude_importance", "taylor_importance"]
 
 
 class Importance:
@@ -93,6 +109,58 @@ class TaylorImportance(Importance):
             raise ConfigError("importance='taylor' needs calibration batches of (inputs, targets); pass "
                               "calibration= (or data= to self_group), or use importance='magnitude'")
         work = copy.deepcopy(model)  # gradients and eval mode on a copy: the model stays as it is
-        work_layers = [Prunable(layer.name, work.get_submodule(layer.name) if layer.name else work)
+        work_layers = [type(layer)(layer.name, work.get_submodule(layer.name) if layer.name else work)
                        for layer in layers]
         return taylor_importance(work, work_layers, calibration)
+
+
+def magnitude_importance(layer: Prunable) -> np.ndarray:
+    """|W[o, i]|_1 over the kernel of the dense equivalent (0 where M is 0): the paper's code."""
+    w = layer.dense_weight().float()
+    return w.abs().reshape(w.shape[0], w.shape[1], -1).sum(-1).double().cpu().numpy()
+
+
+def taylor_importance(model: nn.Module, layers: list[Prunable], batches: Iterable) -> dict[str, np.ndarray]:
+    """First-order estimate of the loss change from removing each connection, over calibration batches.
+
+    For connection o <- i and batch b: t_b = sum over the kernel of W * dL_b/dW (the first-order
+    change of the loss when the connection is zeroed); the importance is mean_b |t_b|. The model
+    runs in eval mode (BN statistics and dropout as deployed) and is left unchanged.
+    """
+    ref = next(model.parameters())
+    flags = {m: m.training for m in model.modules()}
+    requires = {p: p.requires_grad for p in model.parameters()}
+    totals = {layer.name: None for layer in layers}
+    count = 0
+    model.eval()
+    try:
+        for p in model.parameters():
+            p.requires_grad_(False)
+        for layer in layers:
+            for p in layer.parameters():
+                p.requires_grad_(True)
+                p.grad = None
+        for x, y in batches:
+            x = x.to(ref.device)
+            y = torch.as_tensor(y).to(ref.device).long()
+            with torch.enable_grad():
+                loss = F.cross_entropy(model(x).float(), y)
+                loss.backward()
+            for layer in layers:
+                w, g = layer.dense_weight().float(), layer.dense_grad().float()
+                t = (w * g).reshape(w.shape[0], w.shape[1], -1).sum(-1).abs()
+                totals[layer.name] = t if totals[layer.name] is None else totals[layer.name] + t
+                for p in layer.parameters():
+                    p.grad = None
+            count += 1
+    finally:
+        for m, t in flags.items():
+            m.training = t
+        for p, r in requires.items():
+            p.requires_grad_(r)
+            p.grad = None
+    if count == 0:
+        raise ConfigError("taylor importance: the calibration data gave no batch")
+    return {name: (t / count).double().cpu().numpy() for name, t in totals.items()}
+
+
