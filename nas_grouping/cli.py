@@ -18,43 +18,9 @@ from typing import Callable, Sequence
 
 from nas_grouping.config import SearchConfig, SelfGroupingConfig, add_config_arguments, config_from_args, read_config_file
 from nas_grouping.errors import ConfigError, NasGroupingError, is_out_of_memory
+from nas_grouping.log import log_to_console
 
-__all__ = ["main", "build_parser", "log_to_console"]
-
-
-class _ConsoleHandler(logging.Handler):
-    """The library's log lines as the commands print them: below WARNING the bare message on stdout,
-    from WARNING on ``warning: ...`` (``error: ...``) on stderr. Written with ``tqdm.write`` so a running
-    progress bar is not broken, and to the streams of the moment (``sys.stdout`` when the line is written)."""
-
-    def emit(self, record: logging.LogRecord) -> None:
-        try:
-            from tqdm.auto import tqdm
-
-            text = self.format(record)
-            if record.levelno >= logging.WARNING:
-                tqdm.write(f"{record.levelname.lower()}: {text}", file=sys.stderr)
-            else:
-                tqdm.write(text, file=sys.stdout)
-        except Exception:  # noqa: BLE001 - logging's own convention: report, never raise
-            self.handleError(record)
-
-
-def log_to_console(level: int = logging.INFO) -> Callable[[], None]:
-    """Show the records of the ``nas_grouping`` logger from ``level`` on, as the commands print them
-    (``--quiet``: WARNING, ``--verbose``: DEBUG). The root logger is left alone. Returns the function
-    that undoes it (removes the handler, restores the logger's level)."""
-    log = logging.getLogger("nas_grouping")
-    handler, before = _ConsoleHandler(), log.level
-    handler.setFormatter(logging.Formatter("%(message)s"))
-    log.addHandler(handler)
-    log.setLevel(level)
-
-    def undo() -> None:
-        log.removeHandler(handler)
-        log.setLevel(before)
-
-    return undo
+__all__ = ["main", "build_parser"]
 
 
 def _add_log_flags(p: argparse.ArgumentParser) -> None:

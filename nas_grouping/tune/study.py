@@ -361,7 +361,7 @@ def _worker_entry(payload: dict[str, Any]) -> None:
     torch.set_num_threads(payload["threads"])
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     if payload.get("log_level") is not None:  # the parent shows our log lines: so does its worker (spawned bare)
-        from nas_grouping.cli import log_to_console
+        from nas_grouping.log import log_to_console
 
         log_to_console(payload["log_level"])
     kind = payload["kind"]
