@@ -166,7 +166,7 @@ def _cmd_report(args: argparse.Namespace) -> int:
     run = Path(args.run_dir)
     job = run_job(run) if run.is_dir() else None
     if job is None:
-        raise ConfigError(f"{run} is not a run folder of nas-grouping (search, train, compress or tune --out)")
+        raise ConfigError(f"{run} is not a run folder of nas-grouping (search, train, compress, hybrid or tune --out)")
     if job == "tune":
         print(print_tuning_run(run))
         return 0
@@ -177,8 +177,23 @@ def _cmd_report(args: argparse.Namespace) -> int:
         from nas_grouping.pipeline.compress import format_summary
 
         print(f"run {run}\n{format_summary(read_json(run / 'summary.json'))}")
+    elif job == "hybrid":
+        from nas_grouping.pipeline.hybrid import format_hybrid_summary
+
+        print(f"run {run}\n{format_hybrid_summary(read_json(run / 'summary.json'))}")
     else:
         print(print_run(run))
+    return 0
+
+
+def _cmd_hybrid(args: argparse.Namespace) -> int:
+    from nas_grouping.pipeline.hybrid import HybridConfig, format_hybrid_summary, run_hybrid
+    from nas_grouping.report import read_json
+
+    cfg = config_from_args(HybridConfig, args)
+    run_hybrid(cfg)
+    print(format_hybrid_summary(read_json(f"{cfg.out}/summary.json")))
+    print(f"model: {cfg.out}/model")
     return 0
 
 
@@ -233,6 +248,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     job("compress", _cmd_compress, "self-group a saved model (SG-CNN) to a fraction or MAC budget, fine-tune, and "
         "export diverse group layers (after a search: --model RUN_FOLDER)", CompressConfig)
+
+    from nas_grouping.pipeline.hybrid import HybridConfig
+
+    hybrid_help = ("prune channels, and group where that is not enough, until a saved model meets a latency budget "
+                   "measured on this machine (within a MAC budget); exports the fastest exact forms")
+    p = sub.add_parser("hybrid", help=hybrid_help, description=hybrid_help,
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_config_arguments(p, HybridConfig)
+    p.set_defaults(func=_cmd_hybrid)
 
     p = sub.add_parser("spaces", help="list the registered search spaces")
     p.add_argument("--macs", action="store_true", help="also count each space's dense MACs")

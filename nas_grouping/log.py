@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import warnings
 from typing import Callable
 
 __all__ = ["log_to_console"]
@@ -35,16 +36,27 @@ class _ConsoleHandler(logging.Handler):
 
 def log_to_console(level: int = logging.INFO) -> Callable[[], None]:
     """Show the records of the ``nas_grouping`` logger from ``level`` on, as the commands print them
-    (``--quiet``: WARNING, ``--verbose``: DEBUG). The root logger is left alone. Returns the function
-    that undoes it (removes the handler, restores the logger's level)."""
+    (``--quiet``: WARNING, ``--verbose``: DEBUG), and the library's Python warnings as the same one
+    ``warning: ...`` line (not the file and source line). The root logger is left alone. Returns the
+    function that undoes it (removes the handler, restores the logger's level and the warning display)."""
     log = logging.getLogger("nas_grouping")
     handler, before = _ConsoleHandler(), log.level
     handler.setFormatter(logging.Formatter("%(message)s"))
     log.addHandler(handler)
     log.setLevel(level)
+    shown = warnings.showwarning
+
+    def show(message, category, filename, lineno, file=None, line=None) -> None:  # noqa: ANN001 - warnings' own
+        if category.__module__.startswith("nas_grouping."):
+            log.warning("%s", message)
+        else:
+            shown(message, category, filename, lineno, file, line)
+
+    warnings.showwarning = show
 
     def undo() -> None:
         log.removeHandler(handler)
         log.setLevel(before)
+        warnings.showwarning = shown
 
     return undo

@@ -370,3 +370,19 @@ def test_unstable_timings_are_taken_again_then_named():
     with warnings.catch_warnings():
         warnings.simplefilter("error", UnstableTimingWarning)
         sample_ms({"steady": lambda: time.sleep(0.002)}, warmup=0, repeats=8)
+
+
+def test_the_command_shows_a_library_warning_as_one_line(capsys):
+    import warnings
+
+    from nas_grouping.latency.timer import UnstableTimingWarning
+    from nas_grouping.log import log_to_console
+
+    undo = log_to_console()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("always")
+            warnings.warn("unstable timings: x", UnstableTimingWarning)
+    finally:
+        undo()
+    assert capsys.readouterr().err == "warning: unstable timings: x\n"

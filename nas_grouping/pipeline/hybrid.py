@@ -23,7 +23,9 @@ given batches): fine-tune the result before judging its accuracy.
 from __future__ import annotations
 
 import copy
+import logging
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Sequence
 
 import torch
@@ -31,17 +33,24 @@ from torch import nn
 
 from nas_grouping.budget import MacBudget, ModelCost, parse_latency_budget
 from nas_grouping.channels.pruning import ChannelPruning
+from nas_grouping.config import setting
 from nas_grouping.convert import convert_to_dgconv, dgconv_layers
-from nas_grouping.errors import ConfigError
-from nas_grouping.export.model import export_model
+from nas_grouping.errors import ConfigError, RunExistsError
+from nas_grouping.export.model import export_model, load_model, save_model
+from nas_grouping.export.records import RECIPE_ATTR
+from nas_grouping.files import check_run_folder, claim_run_folder
 from nas_grouping.graph.fold import count_gathers
 from nas_grouping.latency.measure import LatencyCost, MeasuredLatency, choose_fastest_forms, fastest_layouts, \
     profile_layers
-from nas_grouping.macs import check_input_size, count_macs
+from nas_grouping.latency.timer import enough_repeats
+from nas_grouping.macs import check_input_size, count_macs, count_parameters
+from nas_grouping.report import write_json
 from nas_grouping.runtime import Runtime
 from nas_grouping.search.loop import project_to_budget, project_to_measured_latency
 
-__all__ = ["HybridCompression", "HybridResult", "gates_all_on", "project_gates", "gate_batches",
+_log = logging.getLogger(__name__)
+
+__all__ = ["HybridCompression", "HybridResult", "HybridConfig", "run_hybrid", "format_hybrid_summary", "gates_all_on", "project_gates", "gate_batches",
            "project_gates_to_latency", "export_fastest"]
 
 
@@ -216,3 +225,100 @@ class HybridCompression:
             info["channel_ratio"] = 0.0
         info.update(hybrid_choice=choice, loop_measured_ms=measured, budget_ms=budget_ms, met=bool(met))
         return model.eval(), info
+
+
+@dataclass
+class HybridConfig:
+    """`nas-grouping hybrid`: a saved model, the latency and MAC budgets, the batch size, and where to write."""
+
+    model: str | None = setting(None, "a saved model folder (save_model), or a run folder holding model/")
+    latency_budget: str | None = setting(None, "latency budget: a share of the dense model's measured latency in "
+                                         "(0, 1] (0.5) or milliseconds (2.5ms)")
+    budget: Any = setting(None, "MAC budget beside it: a share of the model's MACs (<= 1) or MACs (12M); default: "
+                          "the latency share", raw=True)
+    input_size: Any = setting(None, "one sample's shape C,H,W (default: the model's search space's own)")
+    batch: int = setting(1, "batch size at which the latency budget holds")
+    round_to: int = setting(8, "pruned widths are multiples of this")
+    repeats: int = setting(5, "timed repetitions per measurement (raised toward a second of calls)")
+    seed: int = setting(0, "seed of the random batch that ranks gates of equal cost")
+    out: str = setting("runs/hybrid", "run folder (the exported model and summary.json)")
+
+    def __post_init__(self) -> None:
+        if not self.model:
+            raise ConfigError("hybrid needs --model: a saved model folder (save_model) or a run folder holding model/")
+        if self.latency_budget is None:
+            raise ConfigError("hybrid needs --latency-budget: a share of the dense latency (0.5) or milliseconds "
+                              "(2.5ms)")
+        self.latency_budget = str(self.latency_budget)
+        parse_latency_budget(self.latency_budget, 1.0)  # the form; resolved against the measured model
+        if self.budget is not None:
+            MacBudget.parse(self.budget)
+        if isinstance(self.input_size, str):
+            try:
+                self.input_size = [int(v) for v in self.input_size.replace("x", ",").split(",")]
+            except ValueError:
+                raise ConfigError(f"input_size: expected C,H,W such as 3,32,32, got {self.input_size!r}") from None
+        if self.input_size is not None and (len(self.input_size) != 3 or min(self.input_size) < 1):
+            raise ConfigError(f"input_size: expected three positive sizes C,H,W, got {self.input_size!r}")
+        for name in ("batch", "round_to", "repeats"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+
+def run_hybrid(cfg: HybridConfig) -> HybridResult:
+    """The `hybrid` job: load the model, compress it by measurement, save the export and its summary in ``cfg.out``.
+
+    Raises:
+        RunExistsError: ``cfg.out`` already holds a finished hybrid run.
+        ExportError / ConfigError: no model at ``cfg.model``; no input size known for it.
+    """
+    out = check_run_folder(cfg.out, "hybrid")
+    if (out / "summary.json").is_file():
+        raise RunExistsError(f"--out {out} already holds a finished hybrid run: choose another --out")
+    folder = Path(cfg.model)
+    folder = folder / "model" if (folder / "model" / "architecture.json").is_file() else folder
+    model = load_model(folder)
+    recipe = getattr(model, RECIPE_ATTR, None) or {}
+    if cfg.input_size is not None:
+        size = tuple(cfg.input_size)
+    elif "space" in recipe:
+        from search_spaces import default_input_size
+
+        size = default_input_size(recipe["space"])
+        in_channels = recipe.get("kwargs", {}).get("in_channels")
+        size = (in_channels or size[0], *size[1:])
+    else:
+        raise ConfigError(f"{folder} names no search space: give --input-size C,H,W")
+    claim_run_folder(out, "hybrid")
+    _log.info("hybrid: %s at batch %d, input %s: latency budget %s, MAC budget %s", folder, cfg.batch, size,
+              cfg.latency_budget, cfg.budget if cfg.budget is not None else "the latency share")
+    hybrid = HybridCompression(model, size, batch=cfg.batch, round_to=cfg.round_to, repeats=cfg.repeats,
+                               seed=cfg.seed)
+    result = hybrid.run(latency_budget=cfg.latency_budget, budget=cfg.budget)
+    dense_macs = count_macs(hybrid.dense, size)
+    macs = count_macs(result.model, size)
+    final = fastest_layouts({"dense": hybrid.dense, "hybrid": result.model}, size, batch=cfg.batch,
+                            repeats=enough_repeats(hybrid.dense_ms, cfg.repeats), warmup=2)
+    summary = {"job": "hybrid", "source": str(folder), "input_size": list(size), "batch": cfg.batch,
+               "choice": result.choice, "dense_macs": dense_macs, "macs": macs, "macs_fraction": macs / dense_macs,
+               "parameters": count_parameters(result.model), "dense_parameters": count_parameters(hybrid.dense),
+               "dense_ms": final["dense"][1], "ms": final["hybrid"][1], "layout": final["hybrid"][0],
+               "speedup": final["dense"][1] / final["hybrid"][1], "latency_budget_ms": result.info["budget_ms"],
+               "latency_budget_met": bool(result.info["met"]), "fine_tuned": False,
+               "info": {k: v for k, v in result.info.items() if isinstance(v, (int, float, str, bool, list))}}
+    save_model(result.model, out / "model", recipe=recipe or None, extra={"macs": macs, "job": "hybrid"})
+    write_json(out / "summary.json", summary)
+    return result
+
+
+def format_hybrid_summary(s: dict[str, Any]) -> str:
+    """The summary of a hybrid run as the command prints it."""
+    met = "met" if s["latency_budget_met"] else "NOT met"
+    return "\n".join([
+        f"hybrid of {s['source']} at batch {s['batch']}: {s['choice']}",
+        f"  MACs {s['macs']:,} = {s['macs_fraction']:.1%} of dense {s['dense_macs']:,}; parameters "
+        f"{s['parameters']:,} of {s['dense_parameters']:,}",
+        f"  measured {s['ms']:.3f} ms vs dense {s['dense_ms']:.3f} ms side by side ({s['speedup']:.2f}x, "
+        f"{s['layout']}); latency budget {s['latency_budget_ms']:.3f} ms {met}",
+        "  weights are the input model's, pruned and regrouped without training: fine-tune before judging accuracy",
+    ])
