@@ -15,6 +15,7 @@ from nas_grouping.errors import BudgetError, ConfigError, DataError, ExportError
 from nas_grouping.export.model import export_model, load_model, save_model
 from nas_grouping.macs import count_macs, count_parameters, layer_macs
 from nas_grouping.ops import DGConv2d, PermutedGroupConv2d
+from nas_grouping.pipeline.hybrid import HybridCompression
 from nas_grouping.self_grouping.grouping import SelfGrouping, self_group
 
 __version__ = "0.1.0"
@@ -40,7 +41,7 @@ __all__ = [
     "convert_to_dgconv", "conversion_plan", "dgconv_layers", "arch_parameters", "weight_parameters",
     "count_macs", "count_parameters", "layer_macs",
     "export_model", "save_model", "load_model",
-    "ChannelPruning", "prune_channels",
+    "ChannelPruning", "prune_channels", "HybridCompression",
     "SearchConfig", "SelfGrouping", "self_group", "SelfGroupingConfig", "CompressConfig",
     "TuneConfig", "TuneResult",
     "NasGroupingError", "ConfigError", "BudgetError", "DataError", "ExportError", "MissingDependencyError",
