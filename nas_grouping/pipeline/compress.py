@@ -43,7 +43,7 @@ from nas_grouping.latency.layers import WHOLE, layer_latency, summary_from_layer
 from nas_grouping.macs import count_macs, count_parameters, layer_macs
 from nas_grouping.report import read_json, write_json
 from nas_grouping.runtime import Runtime, setup_runtime
-from nas_grouping.self_grouping.grouping import GroupingPlan, LayerOutcome, SelfGrouping
+from nas_grouping.self_grouping.grouping import GroupingPlan, LayerOutcome, SelfGrouping, SelfGroupingResult
 from nas_grouping.training import epoch_loader, evaluate
 
 __all__ = ["compress", "CompressResult", "load_source_model", "measure_latency", "layer_table", "format_summary"]
@@ -243,6 +243,7 @@ def _accuracy(model: nn.Module, ds: Any, rt: Runtime) -> float | None:
 
 
 def _check_resume(out: Path, cfg: CompressConfig) -> None:
+    """The saved settings of the run folder must match ``cfg`` but for the ones a resumption may change."""
     saved = read_json(out / "config.json") if (out / "config.json").is_file() else None
     if saved is None:
         return
@@ -252,6 +253,17 @@ def _check_resume(out: Path, cfg: CompressConfig) -> None:
         if isinstance(values.get("grouping"), dict):
             values["grouping"] = {k: v for k, v in values["grouping"].items() if k != "progress"}
     check_same_settings(saved, now, allowed=RESUMABLE_CHANGES, where=out)
+
+
+def _check_checkpoint(out: Path, cfg: CompressConfig, resume: bool) -> None:
+    """With ``resume``, a checkpoint made with the same settings must be there; without it, none may be."""
+    if resume:
+        if not (out / "checkpoint.pt").is_file():
+            raise ConfigError(f"no checkpoint in {out.resolve()}: nothing to resume; run without --resume")
+        _check_resume(out, cfg)
+    elif (out / "checkpoint.pt").exists():
+        raise RunExistsError(f"{out} already holds a run; pass --resume to continue it, or choose another --out")
+
 
 def _prune_channels(cfg: CompressConfig, original: nn.Module, input_size: Sequence[int], rt: Runtime, out: Path,
                     resume: bool) -> tuple[nn.Module, SelfGroupingConfig, dict[str, Any] | None]:
@@ -374,6 +386,39 @@ def _latency_summary(plan: GroupingPlan, per_layer: pd.DataFrame | None, input_m
     return out
 
 
+@dataclass
+class _CompressRun:
+    """The state a compression carries from stage to stage (settings, runtime, data, models, plan, paths)."""
+
+    cfg: CompressConfig
+    resume: bool
+    rt: Runtime
+    out: Path
+    ds: Any
+    input_size: tuple[int, ...]
+    original: nn.Module
+    source: dict[str, Any]
+    narrowed: nn.Module
+    channels: dict[str, Any] | None
+    sg: SelfGrouping
+    plan: GroupingPlan
+    start_time: float
+
+
+@dataclass
+class _Measured:
+    """The compressed model on the CPU (in its fastest forms) and what was measured of it beside the input model."""
+
+    model: nn.Module
+    forms: dict[str, Any] | None
+    per_layer: pd.DataFrame | None
+    macs_before: int
+    macs_after: int
+    layers: pd.DataFrame
+    latency: list[dict[str, Any]]
+    speedup: list[dict[str, Any]]
+
+
 def compress(cfg: CompressConfig, *, resume: bool = False) -> CompressResult:
     """Self-group the model of ``cfg`` on its data set, fine-tune, and write the run folder ``cfg.out``.
 
@@ -381,7 +426,22 @@ def compress(cfg: CompressConfig, *, resume: bool = False) -> CompressResult:
         BudgetError: a budget the prunable layers cannot reach (before any training).
         ConfigError / DataError / ExportError: bad settings, data or model files (before any training).
     """
-    start = time.perf_counter()
+    start_time = time.perf_counter()
+    run = _prepare(cfg, resume, start_time)
+    if run.rt.is_main:
+        _start(run)
+    result = _group(run)
+    measured = _measure(run, result)
+    summary = _summarize(run, result, measured)
+    if run.rt.is_main:
+        _write_run(run, result, measured, summary)
+    run.rt.barrier()
+    return CompressResult(model=measured.model, original=run.original, summary=summary, layers=measured.layers,
+                          history=result.history, run_dir=run.out)
+
+
+def _prepare(cfg: CompressConfig, resume: bool, start_time: float) -> _CompressRun:
+    """Runtime, data, the input model, channel pruning and the plan: every check that needs no training."""
     if not isinstance(cfg, CompressConfig):
         raise TypeError(f"cfg must be a CompressConfig, got {type(cfg).__name__}")
     rt = setup_runtime(cfg.device, cfg.precision, cfg.channels_last)
@@ -389,98 +449,149 @@ def compress(cfg: CompressConfig, *, resume: bool = False) -> CompressResult:
     rt.on_main(lambda: check_run_folder(out, "compress"), "checking the run folder")
     ds = load_datasets(cfg.data)
     input_size = (ds.in_channels, *ds.input_size)
-    original, info = load_source_model(cfg, num_classes=ds.num_classes, in_channels=ds.in_channels)
+    original, source = load_source_model(cfg, num_classes=ds.num_classes, in_channels=ds.in_channels)
     _check_outputs(original, input_size, ds.num_classes)
-    if resume:
-        if not (out / "checkpoint.pt").is_file():
-            raise ConfigError(f"no checkpoint in {out.resolve()}: nothing to resume; run without --resume")
-        _check_resume(out, cfg)
-    elif (out / "checkpoint.pt").exists():
-        raise RunExistsError(f"{out} already holds a run; pass --resume to continue it, or choose another --out")
+    _check_checkpoint(out, cfg, resume)
     narrowed, grouping, channels = _prune_channels(cfg, original, input_size, rt, out, resume)
     sg = SelfGrouping(grouping)
-    table = _latency_table(grouping, narrowed, input_size, rt, out, resume)
-    plan = sg.plan(narrowed, input_size, latency_table=table, measured=_measured_fit(sg, narrowed, input_size, table,
-                                                                                     rt, out, resume))
-    if rt.is_main:
-        claim_run_folder(out, "compress")
-        write_json(out / "config.json", config_to_dict(cfg))
-        if ds.split is not None:
-            write_json(out / "data_split.json", ds.split)
-        if channels is not None:
-            logger.info(f"[nas-grouping] channel pruning: {channels['share']:.3f} of every set of coupled channels "
-                        f"removed, {count_macs(original, input_size):,} -> {channels['macs_after_channels']:,} "
-                        "MACs/sample" + ("" if not channels["search"] else
-                                         f"; measured {channels['search']['measured_ms']:.3f} ms against a budget of "
-                                         f"{channels['search']['budget_ms']:.3f} ms: "
-                                         + ("met" if channels["search"]["met"] else "NOT met (the fastest share tried)")))
-        logger.info(f"[nas-grouping] compress {info['source']} on {ds.name}: {plan.macs:,} MACs/sample, "
-                    + (f"budget {plan.budget_macs:,} (global fraction {plan.global_fraction:.3f})"
-                       if plan.budget_macs is not None else
-                       "fractions per layer" if plan.latency else f"fraction {cfg.grouping.target_fraction}")
-                    + (f", latency budget {plan.latency['budget_ms']:.3f} ms at batch {plan.latency['batch']} "
-                       f"(predicted {plan.latency['predicted_ms']:.3f} ms)" if plan.latency else "")
-                    + f", {len(plan.prunable)} layers to prune, {len(plan.skipped)} skipped, device {rt.device}")
-    result = sg.run(narrowed, ds, batch_size=cfg.data.batch_size, rt=rt, out=out, resume=resume, plan=plan)
-    compressed = result.model
-    compressed_cpu = copy.deepcopy(compressed).cpu().eval()
-    forms = per_layer = None
-    if cfg.latency_batches and rt.is_main:
-        compressed_cpu, forms = choose_fastest_forms(compressed_cpu, input_size, batch=cfg.grouping.latency_batch)
-        predicted = {lp.name: lp.predicted_ms for lp in plan.layers if lp.predicted_ms is not None}
-        if plan.latency is not None:
-            predicted[WHOLE] = plan.latency["predicted_ms"]
-        per_layer = layer_latency(original, compressed_cpu, input_size,
-                                  batches=sorted({*cfg.latency_batches, cfg.grouping.latency_batch}),
-                                  predicted=predicted or None, predicted_batch=cfg.grouping.latency_batch,
-                                  repeats=cfg.latency_repeats)
-    macs_before, macs_after = count_macs(original, input_size), count_macs(compressed_cpu, input_size)
-    layers = layer_table(plan, result.outcomes, narrowed, compressed_cpu, input_size)
-    latency = measure_latency({"input": original, "compressed": compressed_cpu}, input_size, cfg.latency_batches,
+    plan = _plan(sg, narrowed, input_size, rt, out, resume)
+    return _CompressRun(cfg=cfg, resume=resume, rt=rt, out=out, ds=ds, input_size=input_size, original=original,
+                        source=source, narrowed=narrowed, channels=channels, sg=sg, plan=plan, start_time=start_time)
+
+
+def _plan(sg: SelfGrouping, model: nn.Module, input_size: Sequence[int], rt: Runtime, out: Path,
+          resume: bool) -> GroupingPlan:
+    """The pass's plan for ``model``, with the latency table and measured fit a latency budget needs."""
+    table = _latency_table(sg.config, model, input_size, rt, out, resume)
+    return sg.plan(model, input_size, latency_table=table,
+                   measured=_measured_fit(sg, model, input_size, table, rt, out, resume))
+
+
+def _start(run: _CompressRun) -> None:
+    """On rank 0: claim the run folder, record the settings and data split, and say what runs."""
+    claim_run_folder(run.out, "compress")
+    write_json(run.out / "config.json", config_to_dict(run.cfg))
+    if run.ds.split is not None:
+        write_json(run.out / "data_split.json", run.ds.split)
+    _announce(run)
+
+
+def _announce(run: _CompressRun) -> None:
+    """The log lines that open a run: the channels pruned (with ``--channels``), then the plan."""
+    cfg, channels, plan = run.cfg, run.channels, run.plan
+    if channels is not None:
+        logger.info(f"[nas-grouping] channel pruning: {channels['share']:.3f} of every set of coupled channels "
+                    f"removed, {count_macs(run.original, run.input_size):,} -> {channels['macs_after_channels']:,} "
+                    "MACs/sample" + ("" if not channels["search"] else
+                                     f"; measured {channels['search']['measured_ms']:.3f} ms against a budget of "
+                                     f"{channels['search']['budget_ms']:.3f} ms: "
+                                     + ("met" if channels["search"]["met"] else "NOT met (the fastest share tried)")))
+    logger.info(f"[nas-grouping] compress {run.source['source']} on {run.ds.name}: {plan.macs:,} MACs/sample, "
+                + (f"budget {plan.budget_macs:,} (global fraction {plan.global_fraction:.3f})"
+                   if plan.budget_macs is not None else
+                   "fractions per layer" if plan.latency else f"fraction {cfg.grouping.target_fraction}")
+                + (f", latency budget {plan.latency['budget_ms']:.3f} ms at batch {plan.latency['batch']} "
+                   f"(predicted {plan.latency['predicted_ms']:.3f} ms)" if plan.latency else "")
+                + f", {len(plan.prunable)} layers to prune, {len(plan.skipped)} skipped, device {run.rt.device}")
+
+
+def _group(run: _CompressRun) -> SelfGroupingResult:
+    """The self-grouping pass and its fine-tuning, checkpointed in the run folder (continued with ``resume``)."""
+    return run.sg.run(run.narrowed, run.ds, batch_size=run.cfg.data.batch_size, rt=run.rt, out=run.out,
+                      resume=run.resume, plan=run.plan)
+
+
+def _measure(run: _CompressRun, result: SelfGroupingResult) -> _Measured:
+    """MACs, the per-layer table and CPU latency of the compressed model beside the input model."""
+    cfg, input_size = run.cfg, run.input_size
+    compressed, forms, per_layer = _fastest_forms(run, result.model)
+    macs_before, macs_after = count_macs(run.original, input_size), count_macs(compressed, input_size)
+    layers = layer_table(run.plan, result.outcomes, run.narrowed, compressed, input_size)
+    latency = measure_latency({"input": run.original, "compressed": compressed}, input_size, cfg.latency_batches,
                               repeats=cfg.latency_repeats) if cfg.latency_batches else []
+    return _Measured(model=compressed, forms=forms, per_layer=per_layer, macs_before=macs_before,
+                     macs_after=macs_after, layers=layers, latency=latency,
+                     speedup=_speedup(latency, cfg.latency_batches))
+
+
+def _fastest_forms(run: _CompressRun, model: nn.Module
+                   ) -> tuple[nn.Module, dict[str, Any] | None, pd.DataFrame | None]:
+    """The compressed model on the CPU; with latency batches, on rank 0, in its fastest exact forms and with
+    every layer timed beside the input model's (and the plan's predictions)."""
+    cfg, plan = run.cfg, run.plan
+    compressed = copy.deepcopy(model).cpu().eval()
+    if not (cfg.latency_batches and run.rt.is_main):
+        return compressed, None, None
+    compressed, forms = choose_fastest_forms(compressed, run.input_size, batch=cfg.grouping.latency_batch)
+    predicted = {lp.name: lp.predicted_ms for lp in plan.layers if lp.predicted_ms is not None}
+    if plan.latency is not None:
+        predicted[WHOLE] = plan.latency["predicted_ms"]
+    per_layer = layer_latency(run.original, compressed, run.input_size,
+                              batches=sorted({*cfg.latency_batches, cfg.grouping.latency_batch}),
+                              predicted=predicted or None, predicted_batch=cfg.grouping.latency_batch,
+                              repeats=cfg.latency_repeats)
+    return compressed, forms, per_layer
+
+
+def _speedup(latency: list[dict[str, Any]], batches: Sequence[int]) -> list[dict[str, Any]]:
+    """Per batch: each model's latency in its fastest layout, and how many times faster the compressed one is."""
     speedup = []
-    for batch in cfg.latency_batches:
+    for batch in batches:
         a = next(r for r in latency if r["batch"] == batch and r["model"] == "input")
         b = next(r for r in latency if r["batch"] == batch and r["model"] == "compressed")
         speedup.append({"batch": batch, "input_ms": a["ms"], "input_layout": a["layout"], "compressed_ms": b["ms"],
                         "compressed_layout": b["layout"], "speedup": a["ms"] / b["ms"]})
-    summary: dict[str, Any] = {
-        "source": info["source"], "dataset": ds.name, "input_size": list(input_size),
-        "val_acc_before": result.val_acc("input") if channels is None else _accuracy(original, ds, rt),
+    return speedup
+
+
+def _summarize(run: _CompressRun, result: SelfGroupingResult, measured: _Measured) -> dict[str, Any]:
+    """The run's summary: accuracy at each stage, MACs against the budget, parameters, layers, latency."""
+    cfg, plan, channels, forms = run.cfg, run.plan, run.channels, measured.forms
+    return {
+        "source": run.source["source"], "dataset": run.ds.name, "input_size": list(run.input_size),
+        "val_acc_before": result.val_acc("input") if channels is None else _accuracy(run.original, run.ds, run.rt),
         "val_acc_channels": None if channels is None else result.val_acc("input"),
         "channel_pruning": channels, "val_acc_pruned": result.val_acc("pruned"),
         "val_acc_after": result.history[-1]["val_acc"],
-        "macs_before": macs_before, "macs_after": macs_after, "mac_reduction": macs_before / max(macs_after, 1),
-        "macs_fraction": macs_after / max(macs_before, 1), "planned_macs_at_most": plan.macs_after,
+        "macs_before": measured.macs_before, "macs_after": measured.macs_after,
+        "mac_reduction": measured.macs_before / max(measured.macs_after, 1),
+        "macs_fraction": measured.macs_after / max(measured.macs_before, 1), "planned_macs_at_most": plan.macs_after,
         "budget_macs": plan.budget_macs, "global_fraction": plan.global_fraction,
-        "budget_met": None if plan.budget_macs is None else macs_after <= plan.budget_macs,
-        "params_before": count_parameters(original), "params_after": count_parameters(compressed_cpu),
+        "budget_met": None if plan.budget_macs is None else measured.macs_after <= plan.budget_macs,
+        "params_before": count_parameters(run.original), "params_after": count_parameters(measured.model),
         "pruned_layers": [lp.name for lp in plan.prunable],
         "skipped_layers": {lp.name: lp.reason for lp in plan.skipped},
         "steps": cfg.grouping.steps, "finetune": cfg.grouping.finetune, "importance": cfg.grouping.importance,
         "clusters": cfg.grouping.clusters, "cluster_sizes": cfg.grouping.cluster_sizes,
         "threshold": cfg.grouping.threshold,
-        "latency": latency, "speedup": speedup, "threads": torch.get_num_threads(),
+        "latency": measured.latency, "speedup": measured.speedup, "threads": torch.get_num_threads(),
         "export_choice": None if forms is None else {"batch": forms["batch"], "layout": forms["layout"], "forms": {
             name: row["form"] for name, row in forms["layers"].items()}},
-        **_latency_summary(plan, per_layer, None if channels is None else channels["input_ms"]),
-        "layers_latency_file": None if per_layer is None else "latency_layers.csv",
-        "device": str(rt.device), "wall_time_s": time.perf_counter() - start,
+        **_latency_summary(plan, measured.per_layer, None if channels is None else channels["input_ms"]),
+        "layers_latency_file": None if measured.per_layer is None else "latency_layers.csv",
+        "device": str(run.rt.device), "wall_time_s": time.perf_counter() - run.start_time,
     }
-    if rt.is_main:
-        pd.DataFrame(result.history).to_csv(out / "history.csv", index=False)
-        layers.to_csv(out / "layers.csv", index=False)
-        if per_layer is not None:
-            write_layer_latency(per_layer, out)
-        recipe = getattr(original, RECIPE_ATTR, None)
-        save_model(compressed_cpu, out / "model", recipe=recipe, extra={
-            k: summary[k] for k in ("val_acc_after", "macs_before", "macs_after", "budget_macs", "dataset", "source")})
-        reloaded = load_model(out / "model").eval()
-        x = torch.randn(8, *input_size)
-        with torch.no_grad():
-            summary["reload_max_abs_diff"] = float((reloaded(x) - compressed_cpu(x)).abs().max())
-        write_json(out / "summary.json", summary)
-        logger.info(format_summary(summary))
-    rt.barrier()
-    return CompressResult(model=compressed_cpu, original=original, summary=summary, layers=layers,
-                          history=result.history, run_dir=out)
+
+
+def _write_run(run: _CompressRun, result: SelfGroupingResult, measured: _Measured, summary: dict[str, Any]) -> None:
+    """On rank 0: history, layer tables, the per-layer latency files, the saved model (checked by reloading it)
+    and the summary, then the summary's lines in the log."""
+    out = run.out
+    pd.DataFrame(result.history).to_csv(out / "history.csv", index=False)
+    measured.layers.to_csv(out / "layers.csv", index=False)
+    if measured.per_layer is not None:
+        write_layer_latency(measured.per_layer, out)
+    recipe = getattr(run.original, RECIPE_ATTR, None)
+    save_model(measured.model, out / "model", recipe=recipe, extra={
+        k: summary[k] for k in ("val_acc_after", "macs_before", "macs_after", "budget_macs", "dataset", "source")})
+    summary["reload_max_abs_diff"] = _reload_diff(out / "model", measured.model, run.input_size)
+    write_json(out / "summary.json", summary)
+    logger.info(format_summary(summary))
+
+
+def _reload_diff(folder: Path, model: nn.Module, input_size: Sequence[int]) -> float:
+    """How far the saved model, loaded back, is from ``model`` on a random batch (0 when saving lost nothing)."""
+    reloaded = load_model(folder).eval()
+    x = torch.randn(8, *input_size)
+    with torch.no_grad():
+        return float((reloaded(x) - model(x)).abs().max())
