@@ -411,6 +411,46 @@ class _Cycle:
                 self.it = None
 
 
+@dataclass
+class _SearchRun:
+    """The state a search carries from stage to stage (settings, runtime, data, model, budgets, optimizers)."""
+
+    cfg: SearchConfig
+    rt: Runtime
+    out: Path
+    ds: Any
+    input_size: tuple[int, ...]
+    base: nn.Module
+    cost: ModelCost
+    budget: MacBudget
+    budget_macs: int
+    fixed: bool
+    latency: Any
+    latency_budget_ms: float | None
+    measured: Any
+    train_set: Any
+    gate_set: Any
+    weight_opt: torch.optim.Optimizer
+    gate_opt: torch.optim.Optimizer | None
+    scheduler: Any
+    per_batch: bool
+    scaler: Any
+    regularizer: Callable
+    start_time: float
+    history: list[dict[str, Any]]
+    flips: list[dict[str, Any]] | None = None
+    latency_loop: dict[str, Any] | None = None
+    start_epoch: int = 0
+
+    @property
+    def dense_macs(self) -> int:
+        return self.cost.dense_macs
+
+    @property
+    def total(self) -> int:
+        return self.cfg.total_epochs
+
+
 def search(cfg: SearchConfig, *, resume: bool = False,
            on_epoch: Callable[[dict[str, Any]], None] | None = None) -> SearchResult:
     """Run a budget-constrained DGConv search (or dense training with ``cfg.dense``) and export the result.
@@ -426,8 +466,19 @@ def search(cfg: SearchConfig, *, resume: bool = False,
         BudgetError: the budget is below what the most grouped configuration costs.
         ConfigError / DataError: bad settings or data, before any training.
     """
-    from nas_grouping import report
+    run = _prepare(cfg)
+    _start(run, resume)
+    _train(run, on_epoch)
+    _project_if_never_fine_tuned(run)
+    exported, evaluation = _export(run)
+    exported, latency_measured, per_layer = _measure_latency(run, exported)
+    summary = _summarize(run, exported, evaluation, latency_measured)
+    _write_run(run, exported, summary, per_layer)
+    return SearchResult(model=exported, searched=run.base, summary=summary, history=run.history, run_dir=run.out)
 
+
+def _prepare(cfg: SearchConfig) -> _SearchRun:
+    """Runtime, data, search space, budgets, latency table and optimizers; every check that needs no training."""
     start_time = time.perf_counter()
     rt = setup_runtime(cfg.device, cfg.precision, cfg.channels_last, cfg.compile)
     out = Path(cfg.out)
@@ -437,10 +488,9 @@ def search(cfg: SearchConfig, *, resume: bool = False,
     seed_everything(cfg.seed)
     base = build_search_model(cfg, ds.num_classes, ds.in_channels)
     cost = ModelCost(base, input_size)
-    dense_macs = cost.dense_macs
     budget = MacBudget.parse(cfg.budget)
     fixed = cfg.dense or cfg.fixed_groups is not None  # no search: nothing to budget or project
-    budget_macs = cost.current_macs() if fixed else budget.resolve(dense_macs)
+    budget_macs = cost.current_macs() if fixed else budget.resolve(cost.dense_macs)
     if not fixed:
         if not dgconv_layers(base):
             raise ConfigError(f"space {cfg.space!r} has no DGConv2d layer to search")
@@ -448,7 +498,6 @@ def search(cfg: SearchConfig, *, resume: bool = False,
 
     base.to(rt.device)  # before the optimizers load any state (and the latency table: measured where it runs)
     latency, latency_budget_ms, measured = _latency_budget(cfg, base, input_size, rt, out, ds.num_classes)
-    latency_loop = None
 
     train_set, gate_set = ds.train, None
     if cfg.bilevel and not fixed:
@@ -457,16 +506,21 @@ def search(cfg: SearchConfig, *, resume: bool = False,
     weight_opt = torch.optim.SGD(weight_parameters(base), lr=cfg.lr, momentum=cfg.momentum,
                                  weight_decay=cfg.weight_decay, nesterov=cfg.momentum > 0)
     gate_opt = make_gate_optimizer(arch_parameters(base), cfg.gate_optimizer, cfg.gate_lr) if not fixed else None
-    total = cfg.total_epochs
     steps = len(epoch_loader(train_set, rt, batch_size=cfg.data.batch_size, train=True, seed=cfg.seed, epoch=0))
-    scheduler, per_batch = make_lr_scheduler(weight_opt, cfg.lr_schedule, epochs=total, steps_per_epoch=steps,
-                                             warmup_epochs=cfg.lr_warmup_epochs)
-    scaler = rt.grad_scaler() if cfg.precision == "16" else None
-    regularizer = make_regularizer(cfg.regularizer, cfg.reg_strength)
+    scheduler, per_batch = make_lr_scheduler(weight_opt, cfg.lr_schedule, epochs=cfg.total_epochs,
+                                             steps_per_epoch=steps, warmup_epochs=cfg.lr_warmup_epochs)
+    return _SearchRun(cfg=cfg, rt=rt, out=out, ds=ds, input_size=input_size, base=base, cost=cost, budget=budget,
+                      budget_macs=budget_macs, fixed=fixed, latency=latency, latency_budget_ms=latency_budget_ms,
+                      measured=measured, train_set=train_set, gate_set=gate_set, weight_opt=weight_opt,
+                      gate_opt=gate_opt, scheduler=scheduler, per_batch=per_batch,
+                      scaler=rt.grad_scaler() if cfg.precision == "16" else None,
+                      regularizer=make_regularizer(cfg.regularizer, cfg.reg_strength), start_time=start_time,
+                      history=[])
 
-    history: list[dict[str, Any]] = []
-    flips: list[dict[str, Any]] | None = None
-    start_epoch = 0
+
+def _start(run: _SearchRun, resume: bool) -> None:
+    """Refuse a finished run's folder without --resume, restore a checkpoint with it, claim the folder, say what runs."""
+    cfg, rt, out = run.cfg, run.rt, run.out
     problem = None
     if rt.is_main and not resume and (out / CHECKPOINT).exists():
         problem = f"{out} already holds a run; pass --resume to continue it, or choose another --out"
@@ -476,94 +530,122 @@ def search(cfg: SearchConfig, *, resume: bool = False,
     if resume:
         ckpt = load_checkpoint(out / CHECKPOINT)
         _check_resume(ckpt["config"], cfg)
-        base.load_state_dict(ckpt["model"])
-        weight_opt.load_state_dict(ckpt["weight_opt"])
-        if gate_opt is not None and ckpt.get("gate_opt") is not None:
-            gate_opt.load_state_dict(ckpt["gate_opt"])
-        scheduler.load_state_dict(ckpt["scheduler"])
-        history, flips, start_epoch = ckpt["history"], ckpt["flips"], ckpt["next_epoch"]
-        latency_loop = ckpt.get("latency_loop")
+        run.base.load_state_dict(ckpt["model"])
+        run.weight_opt.load_state_dict(ckpt["weight_opt"])
+        if run.gate_opt is not None and ckpt.get("gate_opt") is not None:
+            run.gate_opt.load_state_dict(ckpt["gate_opt"])
+        run.scheduler.load_state_dict(ckpt["scheduler"])
+        run.history, run.flips, run.start_epoch = ckpt["history"], ckpt["flips"], ckpt["next_epoch"]
+        run.latency_loop = ckpt.get("latency_loop")
         torch.set_rng_state(ckpt["rng"])
-        start_time -= ckpt.get("wall_time_s", 0.0)  # the summary's wall time counts every session of the run
+        run.start_time -= ckpt.get("wall_time_s", 0.0)  # the summary's wall time counts every session of the run
     if rt.is_main:
+        from nas_grouping import report
+
         claim_run_folder(out, "search")
         report.write_json(out / "config.json", config_to_dict(cfg))
-        if ds.split is not None:
-            report.write_json(out / "data_split.json", ds.split)
+        if run.ds.split is not None:
+            report.write_json(out / "data_split.json", run.ds.split)
+        what = ("dense training" if cfg.dense else
+                f"fixed groups={_describe_groups(cfg.fixed_groups)}, {run.budget_macs:,} MACs"
+                if cfg.fixed_groups is not None else f"budget {run.budget.describe(run.dense_macs)}")
+        logger.info(f"[nas-grouping] {cfg.space} on {run.ds.name}: dense {run.dense_macs:,} MACs/sample, {what}"
+                    f", device {rt.device}, {rt.world_size} process(es)")
 
-    if rt.is_main:
-        logger.info(f"[nas-grouping] {cfg.space} on {ds.name}: dense {dense_macs:,} MACs/sample, "
-                    + ("dense training" if cfg.dense else f"fixed groups={_describe_groups(cfg.fixed_groups)}, {budget_macs:,} MACs"
-                       if cfg.fixed_groups is not None else f"budget {budget.describe(dense_macs)}")
-                    + f", device {rt.device}, {rt.world_size} process(es)")
+
+def _train(run: _SearchRun, on_epoch: Callable[[dict[str, Any]], None] | None) -> None:
+    """The epochs: warm-up, search, the projection at the first fine-tuning epoch, fine-tuning; a checkpoint each."""
+    cfg, rt = run.cfg, run.rt
     model = None
     current_phase = None
-    bar = tqdm(range(start_epoch, total), desc="epochs", disable=not (cfg.progress and rt.is_main),
-               initial=start_epoch, total=total, dynamic_ncols=True)
+    bar = tqdm(range(run.start_epoch, run.total), desc="epochs", disable=not (cfg.progress and rt.is_main),
+               initial=run.start_epoch, total=run.total, dynamic_ncols=True)
     for epoch in bar:
         phase = _phase(cfg, epoch)
-        if phase == "finetune" and flips is None:
-            flips, latency_loop = _project(base, cost, budget_macs, train_set, cfg, rt, epoch, latency,
-                                           latency_budget_ms, measured)
-            if flips and rt.is_main:
-                logger.info(f"[nas-grouping] projected to the budget by {len(flips)} gate change(s): "
-                            + ", ".join(f"{f['layer']} {f['action']}->G={f['groups_after']}" for f in flips))
+        if phase == "finetune" and run.flips is None:
+            run.flips, run.latency_loop = _project(run.base, run.cost, run.budget_macs, run.train_set, cfg, rt, epoch,
+                                                   run.latency, run.latency_budget_ms, run.measured)
+            if run.flips and rt.is_main:
+                logger.info(f"[nas-grouping] projected to the budget by {len(run.flips)} gate change(s): "
+                            + ", ".join(f"{f['layer']} {f['action']}->G={f['groups_after']}" for f in run.flips))
         if phase != current_phase:
-            _set_gate_training(base, phase == "search")
-            model = rt.prepare(base)
+            _set_gate_training(run.base, phase == "search")
+            model = rt.prepare(run.base)
             current_phase = phase
-        loader = epoch_loader(train_set, rt, batch_size=cfg.data.batch_size, train=True, seed=cfg.seed,
+        loader = epoch_loader(run.train_set, rt, batch_size=cfg.data.batch_size, train=True, seed=cfg.seed,
                               epoch=epoch, num_workers=cfg.data.num_workers)
-        kwargs: dict[str, Any] = {}
-        if phase == "search":
-            def loss_hook(task, _reg=regularizer):
-                loss = _reg(task, cost.expected_macs(), budget_macs)
-                return _reg(loss, latency.expected_ms(), latency_budget_ms) if latency is not None else loss
-            if cfg.bilevel:
-                gates_data = _Cycle(gate_set, rt, cfg.data.batch_size, cfg.seed + epoch)
-
-                def gate_step(_m=model, _g=gates_data):
-                    x, y = _g.next()
-                    x, y = rt.to_device(x), torch.as_tensor(y).to(rt.device).long()
-                    gate_opt.zero_grad(set_to_none=True)
-                    with rt.autocast():
-                        task = F.cross_entropy(_m(x).float(), y)
-                    loss_hook(task).backward()
-                    gate_opt.step()
-                kwargs.update(loss_hook=None, gate_step=gate_step)
-            else:
-                kwargs.update(loss_hook=loss_hook, gate_optimizer=gate_opt)
-        stats = train_epoch(model, loader, rt, weight_optimizer=weight_opt, scaler=scaler, progress=cfg.progress,
-                            desc=f"epoch {epoch + 1}/{total} {phase}", label_smoothing=cfg.label_smoothing,
-                            batch_scheduler=scheduler if per_batch else None, **kwargs)
-        if not per_batch:
-            scheduler.step()
-        val = evaluate(model, epoch_loader(ds.val, rt, batch_size=256, train=False, seed=0, epoch=0), rt)
-        row = {"epoch": epoch + 1, "phase": phase, "lr": weight_opt.param_groups[0]["lr"],
+        stats = train_epoch(model, loader, rt, weight_optimizer=run.weight_opt, scaler=run.scaler,
+                            progress=cfg.progress, desc=f"epoch {epoch + 1}/{run.total} {phase}",
+                            label_smoothing=cfg.label_smoothing,
+                            batch_scheduler=run.scheduler if run.per_batch else None,
+                            **(_gate_steps(run, model, epoch) if phase == "search" else {}))
+        if not run.per_batch:
+            run.scheduler.step()
+        val = evaluate(model, epoch_loader(run.ds.val, rt, batch_size=256, train=False, seed=0, epoch=0), rt)
+        row = {"epoch": epoch + 1, "phase": phase, "lr": run.weight_opt.param_groups[0]["lr"],
                "train_loss": stats["loss"], "train_acc": stats["acc"], "val_loss": val["loss"], "val_acc": val["acc"],
-               "macs": cost.current_macs(), "budget_macs": budget_macs,
-               **({"latency_ms_predicted": latency.current_ms()} if latency is not None else {}),
-               "groups": groups_per_layer(base), "time_s": time.perf_counter() - start_time}
-        history.append(row)
-        bar.set_postfix(acc=f"{val['acc']:.3f}", macs=f"{row['macs'] / dense_macs:.2f}x")
+               "macs": run.cost.current_macs(), "budget_macs": run.budget_macs,
+               **({"latency_ms_predicted": run.latency.current_ms()} if run.latency is not None else {}),
+               "groups": groups_per_layer(run.base), "time_s": time.perf_counter() - run.start_time}
+        run.history.append(row)
+        bar.set_postfix(acc=f"{val['acc']:.3f}", macs=f"{row['macs'] / run.dense_macs:.2f}x")
         if rt.is_main:
-            logger.info(f"epoch {epoch + 1:3d}/{total} {phase:8s} train loss {stats['loss']:.4f} acc {stats['acc']:.4f}"
-                        f" | val acc {val['acc']:.4f} | MACs {row['macs']:,} ({row['macs'] / dense_macs:.1%} of dense)")
-            save_checkpoint({
-                "config": config_to_dict(cfg), "model": base.state_dict(), "weight_opt": weight_opt.state_dict(),
-                "gate_opt": gate_opt.state_dict() if gate_opt is not None else None,
-                "scheduler": scheduler.state_dict(), "history": history, "flips": flips, "latency_loop": latency_loop,
-                "next_epoch": epoch + 1, "wall_time_s": time.perf_counter() - start_time,
-                "rng": torch.get_rng_state(),
-            }, out / CHECKPOINT)
+            logger.info(f"epoch {epoch + 1:3d}/{run.total} {phase:8s} train loss {stats['loss']:.4f} acc "
+                        f"{stats['acc']:.4f} | val acc {val['acc']:.4f} | MACs {row['macs']:,} "
+                        f"({row['macs'] / run.dense_macs:.1%} of dense)")
+            _checkpoint(run, epoch)
             if on_epoch is not None:
                 on_epoch(row)
         rt.barrier()
     bar.close()
 
-    if flips is None:  # the run had no fine-tuning epoch: project now
-        flips, latency_loop = _project(base, cost, budget_macs, train_set, cfg, rt, total, latency,
-                                       latency_budget_ms, measured) if not fixed else ([], None)
+
+def _gate_steps(run: _SearchRun, model: nn.Module, epoch: int) -> dict[str, Any]:
+    """How a search epoch moves the gates: with the regularized loss of each batch, or (bi-level) on their own data."""
+    cfg, rt, reg = run.cfg, run.rt, run.regularizer
+
+    def loss_hook(task: torch.Tensor) -> torch.Tensor:
+        loss = reg(task, run.cost.expected_macs(), run.budget_macs)
+        return reg(loss, run.latency.expected_ms(), run.latency_budget_ms) if run.latency is not None else loss
+
+    if not cfg.bilevel:
+        return {"loss_hook": loss_hook, "gate_optimizer": run.gate_opt}
+    gates_data = _Cycle(run.gate_set, rt, cfg.data.batch_size, cfg.seed + epoch)
+
+    def gate_step() -> None:
+        x, y = gates_data.next()
+        x, y = rt.to_device(x), torch.as_tensor(y).to(rt.device).long()
+        run.gate_opt.zero_grad(set_to_none=True)
+        with rt.autocast():
+            task = F.cross_entropy(model(x).float(), y)
+        loss_hook(task).backward()
+        run.gate_opt.step()
+
+    return {"loss_hook": None, "gate_step": gate_step}
+
+
+def _checkpoint(run: _SearchRun, epoch: int) -> None:
+    """Everything a resumed run needs to continue exactly, written atomically after ``epoch``."""
+    save_checkpoint({
+        "config": config_to_dict(run.cfg), "model": run.base.state_dict(), "weight_opt": run.weight_opt.state_dict(),
+        "gate_opt": run.gate_opt.state_dict() if run.gate_opt is not None else None,
+        "scheduler": run.scheduler.state_dict(), "history": run.history, "flips": run.flips,
+        "latency_loop": run.latency_loop, "next_epoch": epoch + 1, "wall_time_s": time.perf_counter() - run.start_time,
+        "rng": torch.get_rng_state(),
+    }, run.out / CHECKPOINT)
+
+
+def _project_if_never_fine_tuned(run: _SearchRun) -> None:
+    """A run without a fine-tuning epoch is projected to its budgets now, before export."""
+    if run.flips is None:
+        run.flips, run.latency_loop = _project(run.base, run.cost, run.budget_macs, run.train_set, run.cfg, run.rt,
+                                               run.total, run.latency, run.latency_budget_ms, run.measured) \
+            if not run.fixed else ([], None)
+
+
+def _export(run: _SearchRun) -> tuple[nn.Module, dict[str, Any]]:
+    """Freeze the gates and export; evaluate the searched and the exported model and how far apart they are."""
+    rt, base = run.rt, run.base
     groups = groups_per_layer(base)
     if any(g != groups for g in rt.gather(groups)):
         raise RuntimeError(f"ranks disagree on the learned groups: {rt.gather(groups)}")  # never expected
@@ -572,56 +654,78 @@ def search(cfg: SearchConfig, *, resume: bool = False,
     base.eval()
     exported = export_model(base)
     exported.eval()
-    val_loader = epoch_loader(ds.val, rt, batch_size=256, train=False, seed=0, epoch=0)
+    val_loader = epoch_loader(run.ds.val, rt, batch_size=256, train=False, seed=0, epoch=0)
     searched_val = evaluate(base, val_loader, rt)
     exported_val = evaluate(exported, val_loader, rt)
     with torch.no_grad():
-        x = next(iter(val_loader))[0][:16]
-        x = rt.to_device(x)
+        x = rt.to_device(next(iter(val_loader))[0][:16])
         max_diff = float((base(x) - exported(x)).abs().max())
-    latency_cost, latency_measured, per_layer = latency, None, None
-    if cfg.measure_latency and rt.is_main:
-        from nas_grouping.latency.measure import choose_fastest_forms
-        from nas_grouping.latency.layers import layer_latency, summary_from_layers
+    return exported, {"groups": groups, "searched": searched_val, "exported": exported_val, "max_diff": max_diff}
 
-        exported, forms = choose_fastest_forms(exported, input_size, batch=cfg.latency_batch)
-        dense_model = _dense_model(cfg, ds.num_classes, ds.in_channels, rt.device)
-        predicted, predicted_batch = None, 1
-        if latency is not None:
-            predicted = {name: latency.layer_ms(v, layer.gate_values()) for name, layer, v in latency.layers}
-            predicted["(whole model)"] = latency.current_ms()
-            predicted_batch = latency.batch
-        per_layer = layer_latency(dense_model, exported, input_size, batches=sorted({1, 32, predicted_batch}),
-                                  predicted=predicted, predicted_batch=predicted_batch)
-        latency_measured = summary_from_layers(per_layer)  # whole-model row, the same numbers as the CSV
-        latency_measured["layers_file"] = "latency_layers.csv"
-        latency_measured["export_choice"] = {"layout": forms["layout"],
-                                    "dense_form_layers": sorted(k for k, v in forms["layers"].items()
-                                                                if v["form"] == "dense")}
-    exported_macs = count_macs(exported, input_size)
-    summary = {
-        "space": cfg.space, "dataset": ds.name, "dense": cfg.dense,
-        "val_acc": exported_val["acc"], "val_loss": exported_val["loss"], "searched_val_acc": searched_val["acc"],
-        "macs": exported_macs, "dense_macs": dense_macs, "budget_macs": budget_macs,
-        "macs_fraction": exported_macs / dense_macs, "budget_met": exported_macs <= budget_macs,
-        "params": count_parameters(exported), "projected": bool(flips), "projection_flips": flips,
-        "export_max_abs_diff": max_diff, "epochs": total, "wall_time_s": time.perf_counter() - start_time,
+
+def _measure_latency(run: _SearchRun, exported: nn.Module) -> tuple[nn.Module, dict[str, Any] | None, Any]:
+    """On rank 0 with ``measure_latency``: the fastest exact forms and layout on this machine, and every layer of the
+    dense and exported model timed (the per-layer table); else the export as it is."""
+    cfg, latency = run.cfg, run.latency
+    if not (cfg.measure_latency and run.rt.is_main):
+        return exported, None, None
+    from nas_grouping.latency.layers import layer_latency, summary_from_layers
+    from nas_grouping.latency.measure import choose_fastest_forms
+
+    exported, forms = choose_fastest_forms(exported, run.input_size, batch=cfg.latency_batch)
+    dense_model = _dense_model(cfg, run.ds.num_classes, run.ds.in_channels, run.rt.device)
+    predicted, predicted_batch = None, 1
+    if latency is not None:
+        predicted = {name: latency.layer_ms(v, layer.gate_values()) for name, layer, v in latency.layers}
+        predicted["(whole model)"] = latency.current_ms()
+        predicted_batch = latency.batch
+    per_layer = layer_latency(dense_model, exported, run.input_size, batches=sorted({1, 32, predicted_batch}),
+                              predicted=predicted, predicted_batch=predicted_batch)
+    measured = summary_from_layers(per_layer)  # whole-model row, the same numbers as the CSV
+    measured["layers_file"] = "latency_layers.csv"
+    measured["export_choice"] = {"layout": forms["layout"],
+                                 "dense_form_layers": sorted(k for k, v in forms["layers"].items()
+                                                             if v["form"] == "dense")}
+    return exported, measured, per_layer
+
+
+def _summarize(run: _SearchRun, exported: nn.Module, evaluation: dict[str, Any],
+               latency_measured: dict[str, Any] | None) -> dict[str, Any]:
+    """The run's summary: accuracy, MACs against the budget, parameters, projection, latency, groups."""
+    cfg, rt = run.cfg, run.rt
+    exported_macs = count_macs(exported, run.input_size)
+    return {
+        "space": cfg.space, "dataset": run.ds.name, "dense": cfg.dense,
+        "val_acc": evaluation["exported"]["acc"], "val_loss": evaluation["exported"]["loss"],
+        "searched_val_acc": evaluation["searched"]["acc"],
+        "macs": exported_macs, "dense_macs": run.dense_macs, "budget_macs": run.budget_macs,
+        "macs_fraction": exported_macs / run.dense_macs, "budget_met": exported_macs <= run.budget_macs,
+        "params": count_parameters(exported), "projected": bool(run.flips), "projection_flips": run.flips,
+        "export_max_abs_diff": evaluation["max_diff"], "epochs": run.total,
+        "wall_time_s": time.perf_counter() - run.start_time,
         "latency": latency_measured,
-        **_latency_summary(latency_cost, latency_budget_ms, exported, input_size, cfg, latency_measured, latency_loop),
-        **({"latency_measured_loop": latency_loop} if latency_loop is not None else {}),
-        "groups": groups, "world_size": rt.world_size, "ranks_agree_on_groups": True, "device": str(rt.device),
+        **_latency_summary(run.latency, run.latency_budget_ms, exported, run.input_size, cfg, latency_measured,
+                           run.latency_loop),
+        **({"latency_measured_loop": run.latency_loop} if run.latency_loop is not None else {}),
+        "groups": evaluation["groups"], "world_size": rt.world_size, "ranks_agree_on_groups": True,
+        "device": str(rt.device),
     }
-    if rt.is_main:
-        report.write_search_report(out, base, exported, input_size, history, summary)
+
+
+def _write_run(run: _SearchRun, exported: nn.Module, summary: dict[str, Any], per_layer: Any) -> None:
+    """On rank 0: history, layer tables, plots, the per-layer latency files, the saved model and the summary."""
+    if run.rt.is_main:
+        from nas_grouping import report
+
+        report.write_search_report(run.out, run.base, exported, run.input_size, run.history, summary)
         if per_layer is not None:
             from nas_grouping.latency.layers import write_layer_latency
 
-            write_layer_latency(per_layer, out)
-        save_model(exported, out / "model", extra={k: summary[k] for k in ("val_acc", "macs", "dense_macs",
-                                                                              "budget_macs", "space", "dataset")})
+            write_layer_latency(per_layer, run.out)
+        save_model(exported, run.out / "model", extra={k: summary[k] for k in ("val_acc", "macs", "dense_macs",
+                                                                                  "budget_macs", "space", "dataset")})
         logger.info(report.format_summary(summary))
-    rt.barrier()
-    return SearchResult(model=exported, searched=base, summary=summary, history=history, run_dir=out)
+    run.rt.barrier()
 
 
 def _latency_summary(latency, budget_ms: float | None, exported: nn.Module, input_size, cfg: SearchConfig,
