@@ -144,3 +144,30 @@ def test_fixed_groups_is_the_uniform_baseline(tmp_path):
     assert s["macs"] == s["budget_macs"] < s["dense_macs"] and not s["projected"]
     with pytest.raises(ConfigError, match="power of two"):
         config(tmp_path, fixed_groups=3)
+
+
+def test_a_linear_budget_schedule_moves_the_target_over_the_search_epochs(tmp_path):
+    cfg = SearchConfig(epochs=7, warmup_epochs=2, finetune_epochs=1, budget_schedule="linear")
+    assert [search_mod._budget_share(cfg, e) for e in range(2, 7)] == pytest.approx([0.2, 0.4, 0.6, 0.8, 1.0])
+    assert search_mod._budget_share(SearchConfig(), 3) == 1.0
+    with pytest.raises(ConfigError, match="budget_schedule"):
+        SearchConfig(budget_schedule="cubic")
+    result = search(config(tmp_path / "run", budget_schedule="linear", budget=0.5))
+    assert result.summary["budget_met"]
+
+
+def test_a_search_starts_from_a_trained_models_weights(tmp_path):
+    from nas_grouping import save_model
+    from search_spaces import get_space
+
+    torch.manual_seed(3)
+    trained = save_model(get_space("digits_convnet", dense=True, **SMALL), tmp_path / "trained")
+    base = search_mod.build_search_model(SearchConfig(space="digits_convnet", space_kwargs=SMALL), 10, 1)
+    search_mod._init_weights(base, str(trained))
+    state = load_model(trained).state_dict()
+    for name, value in base.state_dict().items():
+        if not name.endswith("gate_latent"):
+            assert torch.equal(value, state[name]), name
+    other = save_model(get_space("digits_convnet", dense=True, widths=[8, 8, 8, 16, 16, 16]), tmp_path / "other")
+    with pytest.raises(ConfigError, match="do not fit the search space"):
+        search_mod._init_weights(base, str(other))

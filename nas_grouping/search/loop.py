@@ -31,7 +31,7 @@ from nas_grouping.config import SearchConfig, check_same_settings, config_from_d
 from nas_grouping.convert import arch_parameters, dgconv_layers, weight_parameters
 from nas_grouping.data import load_datasets, split_dataset
 from nas_grouping.errors import BudgetError, ConfigError, RunExistsError
-from nas_grouping.export.model import export_model, save_model
+from nas_grouping.export.model import export_model, load_model, save_model
 from nas_grouping.macs import count_macs, count_parameters
 from nas_grouping.runtime import Runtime, setup_runtime, unwrap
 from nas_grouping.training import (epoch_loader, evaluate, load_checkpoint, make_lr_scheduler, save_checkpoint, seed_everything,
@@ -487,6 +487,8 @@ def _prepare(cfg: SearchConfig) -> _SearchRun:
     input_size = (ds.in_channels, *ds.input_size)
     seed_everything(cfg.seed)
     base = build_search_model(cfg, ds.num_classes, ds.in_channels)
+    if cfg.init_from:
+        _init_weights(base, cfg.init_from)
     cost = ModelCost(base, input_size)
     budget = MacBudget.parse(cfg.budget)
     fixed = cfg.dense or cfg.fixed_groups is not None  # no search: nothing to budget or project
@@ -604,9 +606,14 @@ def _gate_steps(run: _SearchRun, model: nn.Module, epoch: int) -> dict[str, Any]
     """How a search epoch moves the gates: with the regularized loss of each batch, or (bi-level) on their own data."""
     cfg, rt, reg = run.cfg, run.rt, run.regularizer
 
+    share = _budget_share(cfg, epoch)
+    target_macs = run.dense_macs - share * (run.dense_macs - run.budget_macs)
+    target_ms = (run.latency.dense_ms - share * (run.latency.dense_ms - run.latency_budget_ms)
+                 if run.latency is not None else None)
+
     def loss_hook(task: torch.Tensor) -> torch.Tensor:
-        loss = reg(task, run.cost.expected_macs(), run.budget_macs)
-        return reg(loss, run.latency.expected_ms(), run.latency_budget_ms) if run.latency is not None else loss
+        loss = reg(task, run.cost.expected_macs(), target_macs)
+        return reg(loss, run.latency.expected_ms(), target_ms) if run.latency is not None else loss
 
     if not cfg.bilevel:
         return {"loss_hook": loss_hook, "gate_optimizer": run.gate_opt}
@@ -622,6 +629,29 @@ def _gate_steps(run: _SearchRun, model: nn.Module, epoch: int) -> dict[str, Any]
         run.gate_opt.step()
 
     return {"loss_hook": None, "gate_step": gate_step}
+
+
+def _budget_share(cfg: SearchConfig, epoch: int) -> float:
+    """How far the regularizer's target has moved from the dense cost to the budget in search ``epoch`` (1: there)."""
+    if cfg.budget_schedule == "constant":
+        return 1.0
+    search_epochs = max(cfg.epochs - cfg.warmup_epochs, 1)
+    return min(1.0, (epoch - cfg.warmup_epochs + 1) / search_epochs)
+
+
+def _init_weights(base: nn.Module, source: str) -> None:
+    """Load a trained model's weights into the search space (every weight of it; the gates keep their start)."""
+    folder = Path(source)
+    folder = folder / "model" if (folder / "model" / "architecture.json").is_file() else folder
+    trained = load_model(folder).state_dict()
+    wanted = {k: v for k, v in base.state_dict().items() if not k.endswith("gate_latent")}
+    missing = sorted(k for k in wanted if k not in trained)
+    misfit = sorted(k for k in wanted if k in trained and trained[k].shape != wanted[k].shape)
+    if missing or misfit:
+        raise ConfigError(f"init_from {source}: its weights do not fit the search space (missing "
+                          f"{missing[:5]}{'...' if len(missing) > 5 else ''}, other shapes {misfit[:5]}); give a model "
+                          "of the same space and settings, such as `nas-grouping train`'s")
+    base.load_state_dict({k: trained[k] for k in wanted}, strict=False)
 
 
 def _checkpoint(run: _SearchRun, epoch: int) -> None:
