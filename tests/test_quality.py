@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from nas_grouping import ConfigError
 from nas_grouping.bench.quality import QualityConfig, run_quality, uniform_groups_for_budget
@@ -48,3 +49,31 @@ def test_quick_benchmark_writes_tables_and_resumes_without_rerunning_cells(tmp_p
     again = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "cells").glob("*.json")}
     assert {k for k in again if again[k] != stamps.get(k)} == {"search-0.5-1.json"}
     assert json.loads(removed.read_text())["val_acc"] == pytest.approx(before["val_acc"])  # seeded: repeatable
+
+
+def test_search_cells_with_other_settings_are_kept_apart_and_can_start_from_the_dense_model(tmp_path, monkeypatch):
+    from nas_grouping.bench import quality
+
+    calls = []
+
+    class Fake:
+        model = torch.nn.Linear(2, 2)
+        summary = {"val_acc": 0.5, "epochs": 3, "dense_macs": 10}
+
+    def fake_search(self, name, seed, **kw):
+        calls.append((name, kw))
+        (self.out / "runs" / name).mkdir(parents=True, exist_ok=True)
+        (self.out / "runs" / name / "summary.json").write_text(json.dumps(Fake.summary))
+        return Fake()
+
+    monkeypatch.setattr(quality._Bench, "run_search", fake_search)
+    monkeypatch.setattr(quality, "count_macs", lambda m, s: 5)
+    monkeypatch.setattr(quality, "_latency_ms", lambda m, s: 1.0)
+    bench = quality._Bench(QualityConfig(space_kwargs=SMALL, out=str(tmp_path), search_settings={
+        "budget_schedule": "linear"}))
+    row = bench.cell("search_from_dense", 0.5, 0)
+    assert row["settings"] == {"budget_schedule": "linear"} and row["epochs_total"] == 6
+    (dense_name, dense_kw), (name, kw) = calls
+    assert dense_name == "dense-dense-0" and dense_kw == {"dense": True}
+    assert name.startswith("search_from_dense-0.5-0-") and kw["init_from"].endswith("dense-dense-0")
+    assert kw["budget_schedule"] == "linear" and kw["budget"] == 0.5

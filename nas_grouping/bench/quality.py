@@ -3,8 +3,10 @@
 For one network and data set and a list of MAC budgets (fractions of the dense
 model), every method is trained with the same epochs and schedule over N seeds:
 dense; uniform group convs at each budget (every layer at G or 2G contiguous groups,
-landing just under the budget: the ResNeXt-style baseline at equal MACs); our DGConv search at each budget; the self-grouping
-pass on the trained dense model at each budget, fine-tuned; and the pipeline
+landing just under the budget: the ResNeXt-style baseline at equal MACs); our DGConv search
+at each budget, from scratch and from the trained dense model (``search_from_dense``: more
+epochs in all, its rows say how many); the self-grouping pass on the trained dense model
+at each budget, fine-tuned; and the pipeline
 (search at twice the budget, then self-grouping down to it) on one budget.
 
 Each (method, budget, seed) cell is trained once and written to its own JSON
@@ -16,6 +18,7 @@ included (it is not a dependency of the package); a row says so.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 import json
 import time
@@ -38,7 +41,7 @@ from nas_grouping.latency.timer import median_ms
 
 __all__ = ["QualityConfig", "run_quality", "uniform_groups_for_budget"]
 
-METHODS = ("dense", "uniform", "search", "self_grouping", "pipeline")
+METHODS = ("dense", "uniform", "search", "search_from_dense", "self_grouping", "pipeline")
 
 
 @dataclass
@@ -54,6 +57,9 @@ class QualityConfig:
     sg_epochs: int = setting(5, "self-grouping fine-tuning epochs (on top of the trained dense model)")
     methods: list = setting(list(METHODS), "methods to run")
     pipeline_budget: float | None = setting(None, "the budget of the pipeline method (default: the smallest)")
+    search_settings: dict = setting({}, "SearchConfig settings of every search, search_from_dense and pipeline cell, "
+                                    "as JSON (e.g. {\"budget_schedule\": \"linear\"}); cells with other settings "
+                                    "are kept apart")
     quick: bool = setting(False, "2 seeds and the first budget only (a smoke run)")
     out: str = setting("runs/quality", "run folder (resumable: finished cells are not rerun)")
     progress: bool = setting(True, "show progress bars")
@@ -153,11 +159,16 @@ class _Bench:
 
     def cell(self, method: str, budget: float | None, seed: int) -> dict[str, Any]:
         key = f"{method}-{'dense' if budget is None else budget}-{seed}"
+        searching = method in ("search", "search_from_dense", "pipeline")
+        settings = dict(self.cfg.search_settings) if searching else {}
+        if settings:
+            key += "-" + hashlib.sha1(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:8]
         path = self.cells / f"{key}.json"
         if path.is_file():
             return json.loads(path.read_text())
         start = time.perf_counter()
-        row: dict[str, Any] = {"method": method, "budget": budget, "seed": seed}
+        row: dict[str, Any] = {"method": method, "budget": budget, "seed": seed, **({"settings": settings}
+                                                                                   if settings else {})}
         if method == "dense":
             r = self.run_search(key, seed, dense=True)
             model, acc = r.model, r.summary["val_acc"]
@@ -172,8 +183,14 @@ class _Bench:
             model, acc = r.model, r.summary["val_acc"]
             row["groups"] = found[0]
         elif method == "search":
-            r = self.run_search(key, seed, budget=budget)
+            r = self.run_search(key, seed, budget=budget, **settings)
             model, acc = r.model, r.summary["val_acc"]
+        elif method == "search_from_dense":  # the search starts from this seed's trained dense model
+            self.cell("dense", None, seed)
+            dense_run = self.out / "runs" / f"dense-dense-{seed}"
+            r = self.run_search(key, seed, budget=budget, init_from=str(dense_run), **settings)
+            model, acc = r.model, r.summary["val_acc"]
+            row["epochs_total"] = r.summary["epochs"] + json.loads((dense_run / "summary.json").read_text())["epochs"]
         elif method == "self_grouping":
             from nas_grouping.export.model import load_model
 
@@ -181,7 +198,7 @@ class _Bench:
             dense = load_model(self.out / "runs" / f"dense-dense-{seed}" / "model")
             model, acc = self.self_group(dense, budget, seed)
         else:  # pipeline: search at twice the budget, then self-group down to it
-            r = self.run_search(key, seed, budget=min(1.0, 2 * budget))
+            r = self.run_search(key, seed, budget=min(1.0, 2 * budget), **settings)
             target = int(budget * r.summary["dense_macs"])
             model, acc = self.self_group(r.model, target, seed)
         row.update(status="ok", val_acc=float(acc), macs=count_macs(model, self.size),
