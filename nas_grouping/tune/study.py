@@ -206,9 +206,11 @@ def _reference_model(ctx: TrialContext) -> tuple[Any, str]:
     return ctx.source_model, "input model"
 
 
-def _latency_reference(study: Any, ctx: TrialContext, config: TuneConfig, *, measure: bool) -> dict[str, Any] | None:
+def _latency_reference(study: Any, ctx: TrialContext, config: TuneConfig, *, measure: bool,
+                       stacklevel: int = 3) -> dict[str, Any] | None:
     """Set the context's reference and budget (ms) from the study, measuring the reference first when the study
-    has none yet (once per study: workers and resumed runs reuse it). None when latency is not measured."""
+    has none yet (once per study: workers and resumed runs reuse it). None when latency is not measured.
+    ``stacklevel``: where a warning points (the public call that led here)."""
     from nas_grouping.latency.measure import device_name, measured_on, parse_latency_budget
 
     if not ctx.measure_latency:
@@ -226,7 +228,7 @@ def _latency_reference(study: Any, ctx: TrialContext, config: TuneConfig, *, mea
     elif ref.get("device") != device_name("cpu"):
         warnings.warn(f"the study's dense reference latency was measured on {ref.get('device')!r}, this machine is "
                       f"{device_name('cpu')!r}: latencies of trials run here compare against another machine's",
-                      stacklevel=3)
+                      stacklevel=stacklevel)
     ctx.latency_reference_ms = float(ref["ms"])
     if config.trial_latency_budget is not None:
         ctx.latency_budget_ms = parse_latency_budget(config.trial_latency_budget, ctx.latency_reference_ms)
@@ -424,6 +426,35 @@ def _run_workers(n: int, payload: dict[str, Any]) -> list[str]:
 
 # ------------------------------------------------------------------ public
 
+@dataclass
+class _TuneRun:
+    """The state a tuning call carries from stage to stage (settings, trial context, storage, study name, sampler)."""
+
+    kind: str
+    base: SearchConfig | CompressConfig
+    config: TuneConfig
+    out: Path
+    quiet: bool
+    ctx: TrialContext
+    enqueued: list[dict[str, Any]]
+    spec: StorageSpec
+    storage: Any
+    name: str
+    sampler: Any
+    pruner: Any
+
+
+@dataclass
+class _Opened:
+    """The study as this call opened it: whether it existed, its latency reference, the trials retried and done."""
+
+    study: Any
+    existed: bool
+    latency: dict[str, Any] | None
+    retried: list[int]
+    done: int
+
+
 def tune(base: SearchConfig | CompressConfig, config: TuneConfig | None = None, *, resume: bool = False,
          sampler: Any = None, pruner: Any = None, quiet: bool = False) -> TuneResult:
     """Tune the knobs of a search (``SearchConfig``) or a compression (``CompressConfig``) under its hard budget.
@@ -446,11 +477,42 @@ def tune(base: SearchConfig | CompressConfig, config: TuneConfig | None = None, 
     """
     import optuna
 
+    config, kind, out = _check_call(base, config, resume=resume,
+                                    own_objects=sampler is not None or pruner is not None)
+    run = _set_up(kind, base, config, out, resume=resume, sampler=sampler, pruner=pruner, quiet=quiet)
+    verbosity = optuna.logging.get_verbosity()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    lock, claim = _claim(run)
+    try:
+        alone = lock.acquire()
+        with claim:
+            opened = _open(run, alone=alone)
+        _announce(run, opened)
+        failed = _run_trials(run, opened.study, claim)
+        with claim:
+            summary = write_results(opened.study, out, kind=kind, objective=config.objective,
+                                    budget_macs=run.ctx.budget_macs, dense_macs=run.ctx.dense_macs,
+                                    storage=run.spec.display, latency=opened.latency)
+    finally:
+        claim.release()
+        lock.release()
+        optuna.logging.set_verbosity(verbosity)
+    if not quiet and logger.isEnabledFor(logging.INFO):  # the table reads the run folder: only when shown
+        logger.info(format_tuning_run(out, top=10))
+    if failed:
+        raise WorkerError(f"tuning worker(s) failed: {'; '.join(failed)}. The study is intact and its results so far "
+                          f"are written to {out}; fix the cause and resume (the same command with --resume)")
+    return TuneResult(study=opened.study, summary=summary, run_dir=out)
+
+
+def _check_call(base: Any, config: TuneConfig | None, *, resume: bool, own_objects: bool
+                ) -> tuple[TuneConfig, str, Path]:
+    """The arguments and the run folder, checked before any work: the tuning settings, the job's kind, the folder."""
     config = config or TuneConfig()
     if not isinstance(config, TuneConfig):
         raise TypeError(f"config must be a TuneConfig, got {type(config).__name__}")
     kind = _kind_of(base)
-    if (sampler is not None or pruner is not None) and config.workers > 1:
+    if own_objects and config.workers > 1:
         raise ConfigError("sampler= / pruner= objects work with one worker; with workers > 1 name them in "
                           "TuneConfig (sampler='tpe', pruner='median', ...) so every worker builds its own")
     out = Path(base.out)
@@ -461,6 +523,13 @@ def tune(base: SearchConfig | CompressConfig, config: TuneConfig | None = None, 
         raise ConfigError(f"--resume: {out} holds no tuning run (no {TUNE_FILE}); run without --resume to start one "
                           "there, or point --out at the tuning run to continue")
     check_run_folder(out, "tune")
+    return config, kind, out
+
+
+def _set_up(kind: str, base: SearchConfig | CompressConfig, config: TuneConfig, out: Path, *, resume: bool,
+            sampler: Any, pruner: Any, quiet: bool) -> _TuneRun:
+    """What trials share (checked before any trial), the settings to enqueue, the opened storage, the study's
+    name, and the sampler and pruner (the caller's objects, else the ones ``config`` names)."""
     ctx = _prepare(kind, base, config, out, quiet=quiet)
     share_names = [share_param(g) for g in dict.fromkeys(ctx.share_groups.values())]
     enqueued = check_enqueued(kind, ctx.knobs, config.enqueue, share_names)
@@ -472,60 +541,68 @@ def tune(base: SearchConfig | CompressConfig, config: TuneConfig | None = None, 
     if sampler is None:
         sampler = _make_sampler(config, _worker_seed(base_seed(base), 0, server=spec.kind == "server"), shared=shared)
     pruner = pruner if pruner is not None else _make_pruner(config, ctx)
-    verbosity = optuna.logging.get_verbosity()
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    claim_run_folder(out, "tune")
-    lock = WorkerLock(out)
-    claim = ClaimLock(out, storage, name)
-    ctx.claim = claim
-    try:
-        alone = lock.acquire()
-        with claim:
-            existed = name in {s.study_name for s in optuna.study.get_all_study_summaries(storage)}
-            study = _open_study(ctx, config, storage, name, sampler, pruner, create=True)
-            if not existed:
-                for params in enqueued:
-                    study.enqueue_trial(params, user_attrs={"enqueued": True})
-            latency = _latency_reference(study, ctx, config, measure=True)
-            retried = _recover(study, alone=alone and spec.local)
-            write_json(out / TUNE_FILE, {"kind": kind, "tune": config_to_dict(config), "job": config_to_dict(base),
-                                         "storage": spec.display, "storage_kind": spec.kind, "study_name": name,
-                                         "budget_macs": ctx.budget_macs, "dense_macs": ctx.dense_macs,
-                                         "latency": latency,
-                                         "knobs": {n: k.to_dict() for n, k in ctx.knobs.items()}})
-            done = len(study.get_trials(deepcopy=False))
-        lat = ""
-        if ctx.latency_budget_ms is not None:
-            lat = (f", hard latency budget {ctx.latency_budget_ms:.3f} ms "
-                   f"({ctx.latency_budget_ms / ctx.latency_reference_ms:.1%} of dense {ctx.latency_reference_ms:.3f} "
-                   f"ms at batch {ctx.latency_batch})")
-        ctx.say(f"{'joined' if existed else 'created'} study {name!r} in {spec.display}: {kind} trials, objective "
-                f"{config.objective}, hard budget {ctx.budget_macs:,} MACs ({ctx.budget_macs / ctx.dense_macs:.1%} "
-                f"of dense {ctx.dense_macs:,}){lat}, {done} trial(s) so far, {config.trials} in all"
-                + (f"; retrying trial(s) {retried} left unfinished" if retried else ""))
-        ctx.say("knobs: " + "; ".join(k.describe() for k in ctx.knobs.values()))
-        deadline = time.time() + config.timeout if config.timeout else None
-        failed: list[str] = []
-        if config.workers == 1:
-            _work(study, ctx, claim, config.trials, deadline)
-        else:
-            failed = _run_workers(config.workers, {
-                "kind": kind, "job": config_to_dict(base), "tune": config_to_dict(config), "out": str(out),
-                "storage_kind": spec.kind, "storage_url": spec.url, "study_name": name, "deadline": deadline,
-                "quiet": quiet, "log_level": _shown_level()})
-        with claim:
-            summary = write_results(study, out, kind=kind, objective=config.objective, budget_macs=ctx.budget_macs,
-                                    dense_macs=ctx.dense_macs, storage=spec.display, latency=latency)
-    finally:
-        claim.release()
-        lock.release()
-        optuna.logging.set_verbosity(verbosity)
-    if not quiet and logger.isEnabledFor(logging.INFO):  # the table reads the run folder: only when shown
-        logger.info(format_tuning_run(out, top=10))
-    if failed:
-        raise WorkerError(f"tuning worker(s) failed: {'; '.join(failed)}. The study is intact and its results so far "
-                          f"are written to {out}; fix the cause and resume (the same command with --resume)")
-    return TuneResult(study=study, summary=summary, run_dir=out)
+    return _TuneRun(kind=kind, base=base, config=config, out=out, quiet=quiet, ctx=ctx, enqueued=enqueued, spec=spec,
+                    storage=storage, name=name, sampler=sampler, pruner=pruner)
+
+
+def _claim(run: _TuneRun) -> tuple[WorkerLock, ClaimLock]:
+    """Claim the run folder for tuning; this process's worker lock, and the lock under which trials start."""
+    claim_run_folder(run.out, "tune")
+    lock, claim = WorkerLock(run.out), ClaimLock(run.out, run.storage, run.name)
+    run.ctx.claim = claim
+    return lock, claim
+
+
+def _open(run: _TuneRun, *, alone: bool) -> _Opened:
+    """Under the claim lock: create the study (with the enqueued settings) or join it, set its latency reference,
+    retry what a crash left unfinished, and record the run in ``tune.json``."""
+    import optuna
+
+    ctx, config, spec = run.ctx, run.config, run.spec
+    existed = run.name in {s.study_name for s in optuna.study.get_all_study_summaries(run.storage)}
+    study = _open_study(ctx, config, run.storage, run.name, run.sampler, run.pruner, create=True)
+    if not existed:
+        for params in run.enqueued:
+            study.enqueue_trial(params, user_attrs={"enqueued": True})
+    latency = _latency_reference(study, ctx, config, measure=True, stacklevel=4)
+    retried = _recover(study, alone=alone and spec.local)
+    write_json(run.out / TUNE_FILE, {"kind": run.kind, "tune": config_to_dict(config), "job": config_to_dict(run.base),
+                                     "storage": spec.display, "storage_kind": spec.kind, "study_name": run.name,
+                                     "budget_macs": ctx.budget_macs, "dense_macs": ctx.dense_macs,
+                                     "latency": latency,
+                                     "knobs": {n: k.to_dict() for n, k in ctx.knobs.items()}})
+    return _Opened(study=study, existed=existed, latency=latency, retried=retried,
+                   done=len(study.get_trials(deepcopy=False)))
+
+
+def _announce(run: _TuneRun, opened: _Opened) -> None:
+    """Say which study runs: created or joined, its objective, budgets, trials so far and to come; then the knobs."""
+    ctx, config = run.ctx, run.config
+    lat = ""
+    if ctx.latency_budget_ms is not None:
+        lat = (f", hard latency budget {ctx.latency_budget_ms:.3f} ms "
+               f"({ctx.latency_budget_ms / ctx.latency_reference_ms:.1%} of dense {ctx.latency_reference_ms:.3f} "
+               f"ms at batch {ctx.latency_batch})")
+    ctx.say(f"{'joined' if opened.existed else 'created'} study {run.name!r} in {run.spec.display}: {run.kind} "
+            f"trials, objective {config.objective}, hard budget {ctx.budget_macs:,} MACs "
+            f"({ctx.budget_macs / ctx.dense_macs:.1%} of dense {ctx.dense_macs:,}){lat}, {opened.done} trial(s) so "
+            f"far, {config.trials} in all"
+            + (f"; retrying trial(s) {opened.retried} left unfinished" if opened.retried else ""))
+    ctx.say("knobs: " + "; ".join(k.describe() for k in ctx.knobs.values()))
+
+
+def _run_trials(run: _TuneRun, study: Any, claim: ClaimLock) -> list[str]:
+    """Run trials until the study holds ``config.trials`` (or the timeout passes): here with one worker, else in
+    spawned worker processes. How each worker that failed ended (empty: all finished)."""
+    config = run.config
+    deadline = time.time() + config.timeout if config.timeout else None
+    if config.workers == 1:
+        _work(study, run.ctx, claim, config.trials, deadline)
+        return []
+    return _run_workers(config.workers, {
+        "kind": run.kind, "job": config_to_dict(run.base), "tune": config_to_dict(config), "out": str(run.out),
+        "storage_kind": run.spec.kind, "storage_url": run.spec.url, "study_name": run.name, "deadline": deadline,
+        "quiet": run.quiet, "log_level": _shown_level()})
 
 
 def is_tuning_run(run_dir: str | Path) -> bool:
