@@ -52,31 +52,31 @@ class SearchConfig:
     space_kwargs: dict = setting({}, "extra builder arguments of the space, as JSON, e.g. '{\"width\": 2}'")
     data: DataConfig = field(default_factory=DataConfig, metadata={"help": "data set settings"})
     budget: float = setting(0.5, "MAC budget: a fraction of the dense model (<= 1) or MACs per sample (> 1, e.g. 12M)",
-                       raw=True)
+                            raw=True)
     regularizer: str = setting("additive", "resource regularizer: additive (loss + s*relu(c/b-1)) or multiplicative "
-                          "(loss*(c/b)^s, the paper's form)", choices=REGULARIZERS)
+                               "(loss*(c/b)^s, the paper's form)", choices=REGULARIZERS)
     reg_strength: float = setting(0.5, "regularizer strength s (lambda for additive, exponent for multiplicative)")
     epochs: int = setting(15, "search epochs (warm-up included), after which the gates are frozen")
     warmup_epochs: int = setting(3, "epochs that train weights only before the gates move")
     finetune_epochs: int = setting(5, "epochs with frozen gates after the search")
     lr: float = setting(0.05, "weight learning rate (nesterov SGD; its schedule is --lr-schedule)")
     lr_schedule: str = setting("cosine", "cosine: to 0 over all epochs, stepped per epoch; onecycle: linear warm-up over "
-                          "--lr-warmup-epochs, then linear to 0, stepped per batch", choices=LR_SCHEDULES)
+                               "--lr-warmup-epochs, then linear to 0, stepped per batch", choices=LR_SCHEDULES)
     lr_warmup_epochs: float = setting(0.0, "onecycle: epochs of linear warm-up from 0 to --lr")
     label_smoothing: float = setting(0.0, "label smoothing of the training loss (0: none)")
     momentum: float = setting(0.9, "SGD momentum")
     weight_decay: float = setting(5e-4, "weight decay of the weights (never applied to gates)")
     gate_optimizer: str = setting("sgd", "gate optimizer: sgd (no momentum: gates move in proportion to the MACs they "
-                             "save) or adam (betas 0.5, 0.999); never weight decay",
-                             choices=("adam", "sgd"))
+                                  "save) or adam (betas 0.5, 0.999); never weight decay",
+                                  choices=("adam", "sgd"))
     gate_lr: float = setting(0.03, "gate learning rate")
     gate_init: float = setting(0.05, "initial magnitude of the gate latents (gates start on: dense)")
     bilevel: bool = setting(False, "DARTS-style bi-level search: gates step on a held-out part of the training data")
     gate_split: float = setting(0.5, "bi-level: share of the training data that trains the gates")
     dense: bool = setting(False, "train the dense network instead (the baseline; no gates, no budget)")
     fixed_groups: Any = setting(None, "train with every searchable layer held at this many contiguous groups (capped "
-                           "per layer), or at per-layer groups as JSON {layer: groups} (the uniform baseline; no "
-                           "search, no budget)")
+                                "per layer), or at per-layer groups as JSON {layer: groups} (the uniform baseline; no "
+                                "search, no budget)")
     budget_schedule: str = setting("constant", "the budget the regularizer aims at in each search epoch: constant "
                                    "(the budget from the first step, as the paper) or linear (from the dense cost "
                                    "down to the budget over the search epochs, so the weights follow the "
@@ -91,15 +91,15 @@ class SearchConfig:
     channels_last: bool = setting(False, "train in channels-last memory format")
     compile: bool = setting(False, "torch.compile the model (DGConv2d compiles with no graph break)")
     measure_latency: bool = setting(True, "after export, time each exported layer's exact forms and the memory layouts "
-                               "on this machine, keep the fastest, and report dense vs exported latency")
+                                    "on this machine, keep the fastest, and report dense vs exported latency")
     latency_batch: int = setting(1, "batch size at which latency is profiled, budgeted and optimised")
     latency_budget: str | None = setting(None, "optional latency budget beside the MAC budget: milliseconds (2.5ms) or "
-                                    "a fraction of the dense model's latency (0.5), predicted from a measured table")
+                                         "a fraction of the dense model's latency (0.5), predicted from a measured table")
     latency_table: str | None = setting(None, "latency table from `nas-grouping profile` (default: profile now, on this "
-                                   "machine, and save it in the run folder)")
+                                        "machine, and save it in the run folder)")
     latency_measured: bool = setting(False, "make the latency budget hold when measured: fractions are of the dense "
-                                "model's measured latency, and the final projection measures each try's export on "
-                                "this machine and corrects the table's target (search.project_to_measured_latency)")
+                                     "model's measured latency, and the final projection measures each try's export on "
+                                     "this machine and corrects the table's target (search.project_to_measured_latency)")
     out: str = setting("runs/search", "run folder (checkpoint, exported model, reports)")
     progress: bool = setting(True, "show progress bars")
     protocol: str | None = setting(None, PROTOCOL_HELP)
@@ -351,31 +351,31 @@ class SelfGroupingConfig:
     """
 
     clusters: Any = setting("upto:16", "k-means clusters per layer: an int, a rule (upto:K = min(K, filters), per:N = "
-                       "filters // N, sqrt), or JSON {pattern: int or rule}; the paper uses 16")
+                            "filters // N, sqrt), or JSON {pattern: int or rule}; the paper uses 16")
     fraction: Any = setting(None, "pruned share of each layer's connections (0-1), or JSON {pattern: share}; layers no "
-                       "pattern matches are left alone. Default 0.5 when no budget is given")
+                            "pattern matches are left alone. Default 0.5 when no budget is given")
     budget: Any = setting(None, "MAC budget instead of a fraction: a share of the input model's MACs (<= 1) or MACs per "
-                     "sample (> 1, e.g. 12M); one global fraction, capped per layer, is found to meet it")
+                          "sample (> 1, e.g. 12M); one global fraction, capped per layer, is found to meet it")
     latency_budget: Any = setting(None, "latency budget beside (or instead of) the MAC budget: milliseconds (2.5ms) or a "
-                             "share of the input model's latency (0.5) at latency_batch, predicted from a measured "
-                             "table; fractions are raised per layer where they buy the most latency per MAC")
+                                  "share of the input model's latency (0.5) at latency_batch, predicted from a measured "
+                                  "table; fractions are raised per layer where they buy the most latency per MAC")
     latency_batch: int = setting(1, "batch size at which the latency budget is profiled and predicted")
     latency_table: str | None = setting(None, "self-grouping latency table from `nas-grouping profile --pass self-grouping` "
-                                   "(default: profile the model now, on this machine)")
+                                        "(default: profile the model now, on this machine)")
     latency_measured: bool = setting(False, "make the latency budget hold when measured: a share is of the input model's "
-                                "measured latency, and each try of the table's fractions is built (magnitude "
-                                "importance), measured on this machine and corrected (latency.meet_measured_budget)")
+                                     "measured latency, and each try of the table's fractions is built (magnitude "
+                                     "importance), measured on this machine and corrected (latency.meet_measured_budget)")
     importance: str = setting("magnitude", "importance of a connection: magnitude (L1 of its kernel, as the paper's code) "
-                         "or taylor (|sum W dL/dW| over calibration batches)", choices=IMPORTANCES)
+                              "or taylor (|sum W dL/dW| over calibration batches)", choices=IMPORTANCES)
     calibration_batches: int = setting(4, "training batches that estimate the taylor importance")
     exclude: Any = setting([], "module-name patterns to leave alone, e.g. 'layer4.*,fc' (JSON list or comma-separated)")
     skip_first: bool = setting(True, "leave the first layer (the one reading the model input) alone")
     max_fraction: float = setting(0.95, "the most a convolution may be pruned")
     linear_max_fraction: float = setting(0.6, "the most a linear layer may be pruned (the paper's code: 60%%)")
     steps: int = setting(1, "progressive pruning steps: step j of n prunes every layer to j/n of its target, re-clustering "
-                    "the fine-tuned weights (the paper steps 10%%, 20%%, ...)")
+                         "the fine-tuned weights (the paper steps 10%%, 20%%, ...)")
     finetune: str = setting("global", "fine-tuning after each step: global (all weights), local+global (first only the "
-                       "just-pruned layers, then all) or none", choices=_FINETUNE_SCHEMES)
+                            "just-pruned layers, then all) or none", choices=_FINETUNE_SCHEMES)
     local_epochs: int = setting(1, "local+global: epochs that train only the just-pruned layers after each step")
     step_epochs: int = setting(1, "global fine-tuning epochs after each step but the last")
     epochs: int = setting(5, "global fine-tuning epochs after the last step")
@@ -384,13 +384,13 @@ class SelfGroupingConfig:
     weight_decay: float = setting(1e-4, "weight decay (only kept weights exist, so pruned ones never come back)")
     label_smoothing: float = setting(0.0, "label smoothing of the fine-tuning loss (0: none)")
     cluster_sizes: str = setting("free", "free (plain k-means, as the paper) or equal (k-means then an optimal "
-                            "assignment into clusters of equal size: faster grouped kernels)",
-                            choices=("free", "equal"))
+                                 "assignment into clusters of equal size: faster grouped kernels)",
+                                 choices=("free", "equal"))
     threshold: str = setting("layer", "layer (the paper: one percentile threshold over all centroid values of a layer) or "
-                        "cluster (every cluster keeps the same share of its input channels: groups of equal width, "
-                        "which the grouped kernel runs without padding)", choices=("layer", "cluster"))
+                             "cluster (every cluster keeps the same share of its input channels: groups of equal width, "
+                             "which the grouped kernel runs without padding)", choices=("layer", "cluster"))
     kmeans_init: str = setting("k-means++", "k-means initialisation (the paper's code: random)",
-                          choices=("k-means++", "random"))
+                               choices=("k-means++", "random"))
     kmeans_restarts: int = setting(10, "k-means restarts per layer (the best one is kept)")
     seed: int = setting(0, "seed of k-means, calibration batches and fine-tuning")
     progress: bool = setting(True, "show progress bars")
@@ -465,14 +465,14 @@ class CompressConfig:
 
     model: str | None = setting(None, "a saved model folder (save_model), or a search run folder (its model/ is used)")
     arch: str | None = setting(None, "instead of --model: a torchvision model name (e.g. resnet18) or a registered space "
-                          "name, built dense for the data set's classes and channels, weights from --state-dict")
+                               "name, built dense for the data set's classes and channels, weights from --state-dict")
     state_dict: str | None = setting(None, "with --arch: a state dict file (torch.save), or a checkpoint holding one "
-                                "under 'model' or 'state_dict'")
+                                     "under 'model' or 'state_dict'")
     arch_kwargs: dict = setting({}, "extra builder arguments of --arch, as JSON")
     channels: Any = setting(None, "channel pruning before self-grouping: the share of every set of coupled channels to "
-                       "remove (0-1; L1 magnitude; channels a residual addition ties go together), or auto with "
-                       "--latency-measured: the least share whose measured latency meets --latency-budget (the MAC "
-                       "budget is left to the pass). Budget shares stay shares of the input model")
+                            "remove (0-1; L1 magnitude; channels a residual addition ties go together), or auto with "
+                            "--latency-measured: the least share whose measured latency meets --latency-budget (the MAC "
+                            "budget is left to the pass). Budget shares stay shares of the input model")
     grouping: SelfGroupingConfig = field(default_factory=SelfGroupingConfig,
                                          metadata={"help": "self-grouping settings"})
     data: DataConfig = field(default_factory=DataConfig, metadata={"help": "data set settings"})
@@ -480,7 +480,7 @@ class CompressConfig:
     precision: str = setting("32", "32, bf16 or 16 (16 needs a GPU)", choices=("32", "bf16", "16"))
     channels_last: bool = setting(False, "fine-tune in channels-last memory format")
     latency_batches: Any = setting([1, 32], "batch sizes at which the summary times the input and compressed models "
-                              "(comma-separated; empty: no timing)")
+                                   "(comma-separated; empty: no timing)")
     latency_repeats: int = setting(10, "timed repetitions per model and batch size (median reported)")
     out: str = setting("runs/compress", "run folder (checkpoint, compressed model, reports)")
     protocol: str | None = setting(None, PROTOCOL_HELP)
@@ -593,33 +593,33 @@ class TuneConfig:
 
     trials: int = setting(20, "trials of the study in all (all workers together; a resumed study counts the ones done)")
     objective: str = setting("accuracy", "accuracy: maximize validation accuracy, pruning bad trials early; pareto: "
-                        "accuracy vs MACs, the Pareto front of feasible trials (no pruning); pareto-latency: "
-                        "accuracy vs the final model's latency measured on this machine (CPU, at "
-                        "--trial-latency-batch; no pruning)",
-                        choices=TUNE_OBJECTIVES)
+                             "accuracy vs MACs, the Pareto front of feasible trials (no pruning); pareto-latency: "
+                             "accuracy vs the final model's latency measured on this machine (CPU, at "
+                             "--trial-latency-batch; no pruning)",
+                             choices=TUNE_OBJECTIVES)
     knobs: dict = setting({}, "knob space as JSON {knob: {low, high, log, step} or {choices: [...]} or null to drop a "
-                     "default}; knobs are fields of the job's config (space_kwargs.NAME for builder arguments; "
-                     "compress: share, clusters, lr, ...)")
+                          "default}; knobs are fields of the job's config (space_kwargs.NAME for builder arguments; "
+                          "compress: share, clusters, lr, ...)")
     sampler: str = setting("tpe", "sampler: tpe, random, gp (Gaussian process) or nsgaii (multi-objective)",
-                      choices=TUNE_SAMPLERS)
+                           choices=TUNE_SAMPLERS)
     pruner: str = setting("auto", "pruner, judging a search trial from the middle of its search phase on: auto "
-                     "(percentile for accuracy, none for pareto), percentile (stops the worst quarter), median, "
-                     "hyperband or none", choices=TUNE_PRUNERS)
+                          "(percentile for accuracy, none for pareto), percentile (stops the worst quarter), median, "
+                          "hyperband or none", choices=TUNE_PRUNERS)
     startup_trials: int = setting(5, "trials sampled at random before the sampler models the space and the pruner prunes")
     enqueue: list = setting([], "known-good knob settings to run first, as a JSON list of {knob: value}")
     storage: str | None = setting(None, "where the study lives: default a SQLite file in --out (a journal file with "
-                             "--workers > 1); 'sqlite', 'journal', or a database URL such as "
-                             "postgresql+psycopg2://user:password@host:5432/db shared by workers on many machines")
+                                  "--workers > 1); 'sqlite', 'journal', or a database URL such as "
+                                  "postgresql+psycopg2://user:password@host:5432/db shared by workers on many machines")
     study_name: str | None = setting(None, "study name in the storage (default: the name of the --out folder)")
     workers: int = setting(1, "processes on this machine working on the study at once")
     timeout: float | None = setting(None, "seconds after which no new trial starts (running ones finish)")
     heartbeat: int = setting(60, "database storages: seconds between a running trial's heartbeats; a trial silent for "
-                        "3 beats (its worker died) is failed and retried once")
+                             "3 beats (its worker died) is failed and retried once")
     trial_latency_budget: Any = setting(None, "hard latency budget of every trial's final model, measured on this machine "
-                                   "(CPU) after training in its fastest exact forms and layout: milliseconds (2.5ms) "
-                                   "or a fraction in (0, 1] of the dense model's latency (search: the dense searched "
-                                   "space; compress: the input model), measured once per study; a trial over it is "
-                                   "infeasible (never best). Not the job's own --latency-budget (a predicted one)")
+                                        "(CPU) after training in its fastest exact forms and layout: milliseconds (2.5ms) "
+                                        "or a fraction in (0, 1] of the dense model's latency (search: the dense searched "
+                                        "space; compress: the input model), measured once per study; a trial over it is "
+                                        "infeasible (never best). Not the job's own --latency-budget (a predicted one)")
     trial_latency_batch: int = setting(1, "batch size at which --trial-latency-budget and objective pareto-latency measure "
                                   "each trial's final model (and the dense reference)")
 

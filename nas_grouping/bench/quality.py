@@ -64,7 +64,7 @@ class QualityConfig:
     out: str = setting("runs/quality", "run folder (resumable: finished cells are not rerun)")
     progress: bool = setting(True, "show progress bars")
     protocol: str | None = setting(None, PROTOCOL_HELP + "; every cell trains by it (epochs and sg_epochs are then the "
-                              "protocol's)")
+                                   "protocol's)")
     protocol_applied: bool = setting(False, "set once the protocol has filled the settings", cli=False)
 
     def __post_init__(self) -> None:
