@@ -30,8 +30,6 @@ T = TypeVar("T")
 
 #: learning-rate schedules of the training loops
 LR_SCHEDULES = ("cosine", "onecycle")
-#: how the search's regularizer target moves over the search epochs
-BUDGET_SCHEDULES = ("constant", "linear")
 PROTOCOL_HELP = ("training protocol that fills the settings you leave out: short (CPU, ~15-20 min for ResNet-20 on "
                  "CIFAR-10), long (GPU, 200 epochs), or a .json/.toml file; flags and config files override it")
 
@@ -77,11 +75,10 @@ class SearchConfig:
     fixed_groups: Any = setting(None, "train with every searchable layer held at this many contiguous groups (capped "
                                 "per layer), or at per-layer groups as JSON {layer: groups} (the uniform baseline; no "
                                 "search, no budget)")
-    budget_schedule: str = setting("constant", "the budget the regularizer aims at in each search epoch: constant "
-                                   "(the budget from the first step, as the paper) or linear (from the dense cost "
-                                   "down to the budget over the search epochs, so the weights follow the "
-                                   "architecture instead of a collapse in the first epoch)",
-                                   choices=BUDGET_SCHEDULES)
+    budget_ramp: float = setting(0.0, "share of the search epochs over which the regularizer's target moves "
+                                 "linearly from the dense cost down to the budget (0: the budget from the first "
+                                 "step, as the paper; 1: over the whole search), so the weights follow the "
+                                 "architecture instead of a collapse in the first epoch")
     init_from: str | None = setting(None, "start from a trained model's weights (a saved model folder or a run "
                                     "folder holding model/, e.g. `nas-grouping train`'s) instead of from scratch; "
                                     "gates start on")
@@ -114,9 +111,8 @@ class SearchConfig:
         b = MacBudget.parse(self.budget)
         self.budget = b.fraction if b.fraction is not None else float(b.macs)
         check_field_types(self)
-        if self.budget_schedule not in BUDGET_SCHEDULES:
-            raise ConfigError(f"budget_schedule must be one of {', '.join(BUDGET_SCHEDULES)}, got "
-                              f"{self.budget_schedule!r}")
+        if not 0 <= self.budget_ramp <= 1:
+            raise ConfigError(f"budget_ramp must be a share of the search epochs in [0, 1], got {self.budget_ramp!r}")
         if self.lr_schedule not in LR_SCHEDULES:
             raise ConfigError(f"lr_schedule must be one of {', '.join(LR_SCHEDULES)}, got {self.lr_schedule!r}")
         if not 0 <= self.label_smoothing < 1:

@@ -70,10 +70,10 @@ def test_search_cells_with_other_settings_are_kept_apart_and_can_start_from_the_
     monkeypatch.setattr(quality, "count_macs", lambda m, s: 5)
     monkeypatch.setattr(quality, "_latency_ms", lambda m, s: 1.0)
     bench = quality._Bench(QualityConfig(space_kwargs=SMALL, out=str(tmp_path), search_settings={
-        "budget_schedule": "linear"}))
+        "budget_ramp": 0.5}))
     row = bench.cell("search_from_dense", 0.5, 0)
-    assert row["settings"] == {"budget_schedule": "linear"} and row["epochs_total"] == 6
+    assert row["settings"] == {"budget_ramp": 0.5} and row["epochs_total"] == 6
     (dense_name, dense_kw), (name, kw) = calls
     assert dense_name == "dense-dense-0" and dense_kw == {"dense": True}
     assert name.startswith("search_from_dense-0.5-0-") and kw["init_from"].endswith("dense-dense-0")
-    assert kw["budget_schedule"] == "linear" and kw["budget"] == 0.5
+    assert kw["budget_ramp"] == 0.5 and kw["budget"] == 0.5

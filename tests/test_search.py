@@ -146,13 +146,15 @@ def test_fixed_groups_is_the_uniform_baseline(tmp_path):
         config(tmp_path, fixed_groups=3)
 
 
-def test_a_linear_budget_schedule_moves_the_target_over_the_search_epochs(tmp_path):
-    cfg = SearchConfig(epochs=7, warmup_epochs=2, finetune_epochs=1, budget_schedule="linear")
+def test_a_budget_ramp_moves_the_target_over_the_search_epochs(tmp_path):
+    cfg = SearchConfig(epochs=7, warmup_epochs=2, finetune_epochs=1, budget_ramp=1.0)
     assert [search_mod._budget_share(cfg, e) for e in range(2, 7)] == pytest.approx([0.2, 0.4, 0.6, 0.8, 1.0])
+    half = SearchConfig(epochs=6, warmup_epochs=2, finetune_epochs=1, budget_ramp=0.5)
+    assert [search_mod._budget_share(half, e) for e in range(2, 6)] == pytest.approx([0.5, 1.0, 1.0, 1.0])
     assert search_mod._budget_share(SearchConfig(), 3) == 1.0
-    with pytest.raises(ConfigError, match="budget_schedule"):
-        SearchConfig(budget_schedule="cubic")
-    result = search(config(tmp_path / "run", budget_schedule="linear", budget=0.5))
+    with pytest.raises(ConfigError, match="budget_ramp"):
+        SearchConfig(budget_ramp=1.5)
+    result = search(config(tmp_path / "run", budget_ramp=1.0, budget=0.5))
     assert result.summary["budget_met"]
 
 

@@ -58,7 +58,7 @@ class QualityConfig:
     methods: list = setting(list(METHODS), "methods to run")
     pipeline_budget: float | None = setting(None, "the budget of the pipeline method (default: the smallest)")
     search_settings: dict = setting({}, "SearchConfig settings of every search, search_from_dense and pipeline cell, "
-                                    "as JSON (e.g. {\"budget_schedule\": \"linear\"}); cells with other settings "
+                                    "as JSON (e.g. {\"budget_ramp\": 0.5}); cells with other settings "
                                     "are kept apart")
     quick: bool = setting(False, "2 seeds and the first budget only (a smoke run)")
     out: str = setting("runs/quality", "run folder (resumable: finished cells are not rerun)")

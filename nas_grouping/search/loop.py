@@ -633,10 +633,8 @@ def _gate_steps(run: _SearchRun, model: nn.Module, epoch: int) -> dict[str, Any]
 
 def _budget_share(cfg: SearchConfig, epoch: int) -> float:
     """How far the regularizer's target has moved from the dense cost to the budget in search ``epoch`` (1: there)."""
-    if cfg.budget_schedule == "constant":
-        return 1.0
-    search_epochs = max(cfg.epochs - cfg.warmup_epochs, 1)
-    return min(1.0, (epoch - cfg.warmup_epochs + 1) / search_epochs)
+    ramp = cfg.budget_ramp * max(cfg.epochs - cfg.warmup_epochs, 1)
+    return 1.0 if ramp <= 0 else min(1.0, (epoch - cfg.warmup_epochs + 1) / ramp)
 
 
 def _init_weights(base: nn.Module, source: str) -> None:
