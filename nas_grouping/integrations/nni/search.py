@@ -40,7 +40,7 @@ from nas_grouping.errors import BudgetError, ConfigError
 from nas_grouping.export.model import export_model, replace_layer
 from nas_grouping.macs import count_macs
 from nas_grouping.ops.dgconv import DGConv2d
-from nas_grouping.runtime import setup_runtime
+from nas_grouping.runtime import Runtime, setup_runtime
 from nas_grouping.search.loop import project_to_budget
 from nas_grouping.training import epoch_loader, evaluate, seed_everything
 from nas_grouping.integrations.nni.compat import require_nni
@@ -338,6 +338,24 @@ def _set_gate_magnitude(model: nn.Module, magnitude: float) -> None:
 
 # ------------------------------------------------------------------ search
 
+@dataclass
+class _NniRun:
+    """The state a search carries from stage to stage (space, runtime, input size, knobs, budget, strategy)."""
+
+    model_space: nn.Module
+    rt: Runtime
+    size: tuple[int, ...]
+    seed: int
+    batch_size: int
+    knobs: dict[str, Any]
+    dense_macs: int
+    budget_macs: int
+    budget_filter: MacBudgetFilter
+    positions: list[str]
+    num_classes: int
+    strategy: Strategy
+
+
 def nni_search(
     model_space: nn.Module,
     *,
@@ -397,6 +415,34 @@ def nni_search(
         ConfigError: bad arguments, or an unsupported strategy (ENAS, Proxyless, multi-trial).
     """
     start = time.perf_counter()
+    _check_arguments(model_space, epochs=epochs, batch_size=batch_size, num_samples=num_samples,
+                     warmup_epochs=warmup_epochs)
+    knobs = _search_defaults(regularizer=regularizer, reg_strength=reg_strength, lr=lr, momentum=momentum,
+                             weight_decay=weight_decay, gate_optimizer=gate_optimizer, gate_lr=gate_lr,
+                             gate_init=gate_init)
+    run = _prepare(model_space, budget, knobs, strategy, train_data=train_data, input_size=input_size, device=device,
+                   seed=seed, batch_size=batch_size, arc_lr=arc_lr, warmup_epochs=warmup_epochs)
+    weight_set, arch_set = split_dataset(train_data, arch_split, seed=seed)
+    _train(run, weight_set, arch_set, epochs=epochs, progress=progress, limit_train_batches=limit_train_batches,
+           trainer_kwargs=trainer_kwargs)
+    arch_batches = _arch_batches(run, arch_set)
+    nni_sample = _nni_sample(run, weight_set, arch_batches, num_samples)
+    frozen, sample, projection = _freeze_to_budget(run, nni_sample, arch_batches[:4])
+    exported = _export_frozen(frozen, run.positions).eval()
+
+    val = evaluate(exported, epoch_loader(val_data, run.rt, batch_size=256, train=False, seed=0, epoch=0), run.rt)
+    return NniSearchResult(
+        model=exported, frozen=frozen, supernet=model_space, sample=sample, nni_sample=nni_sample,
+        groups=_position_groups(exported, run.positions), macs=count_macs(exported, run.size),
+        dense_macs=run.dense_macs, budget_macs=run.budget_macs, val_acc=float(val["acc"]),
+        val_loss=float(val["loss"]), strategy=run.strategy, wall_time_s=time.perf_counter() - start,
+        projection=projection,
+    )
+
+
+def _check_arguments(model_space: nn.Module, *, epochs: int, batch_size: int, num_samples: int,
+                     warmup_epochs: int) -> None:
+    """The model space and the counts, checked before any work."""
     if not isinstance(model_space, ModelSpace):
         raise ConfigError(f"model_space must be an NNI ModelSpace such as DGConvModelSpace, got "
                           f"{type(model_space).__name__}; wrap a DGConv network with DGConvModelSpace(network)")
@@ -405,9 +451,13 @@ def nni_search(
             raise ConfigError(f"{name} must be an int >= 1, got {value!r}")
     if not isinstance(warmup_epochs, int) or not 0 <= warmup_epochs < epochs:
         raise ConfigError(f"warmup_epochs must be an int in [0, epochs), got {warmup_epochs!r} (epochs={epochs})")
-    knobs = _search_defaults(regularizer=regularizer, reg_strength=reg_strength, lr=lr, momentum=momentum,
-                             weight_decay=weight_decay, gate_optimizer=gate_optimizer, gate_lr=gate_lr,
-                             gate_init=gate_init)
+
+
+def _prepare(model_space: nn.Module, budget: MacBudget | float | int | str, knobs: dict[str, Any],
+             strategy: str | Strategy, *, train_data: Dataset, input_size: Sequence[int] | None, device: str,
+             seed: int, batch_size: int, arc_lr: float, warmup_epochs: int) -> _NniRun:
+    """The budget in MACs, runtime, gate magnitudes, searchable positions, classes and strategy: every check
+    that needs no training, the budget's reach included."""
     resolved = as_budget(budget)
     if resolved is None:
         raise ConfigError("nni_search needs a budget (a fraction of the dense MACs, or MACs)")
@@ -427,10 +477,17 @@ def nni_search(
     num_classes = _num_classes(model_space, size)
     nni_strategy = _make_strategy(strategy, gate_optimizer=knobs["gate_optimizer"], gate_lr=knobs["gate_lr"],
                                   arc_lr=arc_lr, warmup_epochs=warmup_epochs, budget_filter=budget_filter)
+    return _NniRun(model_space=model_space, rt=rt, size=size, seed=seed, batch_size=batch_size, knobs=knobs,
+                   dense_macs=dense_macs, budget_macs=budget_macs, budget_filter=budget_filter, positions=positions,
+                   num_classes=num_classes, strategy=nni_strategy)
 
-    weight_set, arch_set = split_dataset(train_data, arch_split, seed=seed)
+
+def _train(run: _NniRun, weight_set: Dataset, arch_set: Dataset, *, epochs: int, progress: bool,
+           limit_train_batches: int | float | None, trainer_kwargs: dict[str, Any] | None) -> None:
+    """The NNI strategy's search in this process: weights trained on ``weight_set``, the architecture on
+    ``arch_set``; the super-net is left on the run's device."""
     kwargs: dict[str, Any] = dict(
-        max_epochs=epochs, accelerator="gpu" if rt.device.type == "cuda" else "cpu", devices=1, logger=False,
+        max_epochs=epochs, accelerator="gpu" if run.rt.device.type == "cuda" else "cpu", devices=1, logger=False,
         enable_checkpointing=False, enable_progress_bar=progress, enable_model_summary=False,
         num_sanity_val_steps=0,
     )
@@ -438,42 +495,46 @@ def nni_search(
         kwargs["limit_train_batches"] = limit_train_batches
         kwargs["limit_val_batches"] = limit_train_batches
     kwargs.update(trainer_kwargs or {})
+    knobs, seed = run.knobs, run.seed
     with _quiet(progress):  # the Trainer prints its banners when it is built
         evaluator = BudgetedClassification(
-            num_classes=num_classes, input_size=size, budget=MacBudget(macs=budget_macs),
+            num_classes=run.num_classes, input_size=run.size, budget=MacBudget(macs=run.budget_macs),
             regularizer=knobs["regularizer"], reg_strength=knobs["reg_strength"], learning_rate=knobs["lr"],
             momentum=knobs["momentum"], weight_decay=knobs["weight_decay"],
-            train_dataloaders=_loader(weight_set, batch_size, shuffle=True, seed=seed),
-            val_dataloaders=_loader(arch_set, batch_size, shuffle=True, seed=seed + 1), **kwargs,
+            train_dataloaders=_loader(weight_set, run.batch_size, shuffle=True, seed=seed),
+            val_dataloaders=_loader(arch_set, run.batch_size, shuffle=True, seed=seed + 1), **kwargs,
         )
-        nni_strategy(RawFormatModelSpace(model_space, evaluator), SequentialExecutionEngine())
-    model_space.to(rt.device)
+        run.strategy(RawFormatModelSpace(run.model_space, evaluator), SequentialExecutionEngine())
+    run.model_space.to(run.rt.device)
 
-    arch_loader = epoch_loader(arch_set, rt, batch_size=batch_size, train=True, seed=seed + 31, epoch=0)
-    arch_batches = list(itertools.islice(arch_loader, 8))
-    if isinstance(nni_strategy, _NniDARTS):
-        nni_sample = dict(nni_strategy.oneshot_module.export())
-    else:
-        calib = list(itertools.islice(epoch_loader(weight_set, rt, batch_size=batch_size, train=True,
-                                                   seed=seed + 17, epoch=0), 4))
-        nni_sample = _best_sampled(nni_strategy, model_space, calib, arch_batches, num_samples, rt.device,
-                                   budget_filter)
 
-    frozen = freeze_network(model_space, nni_sample)
-    projection = _project(frozen, size, budget_macs, arch_batches[:4], rt)
+def _arch_batches(run: _NniRun, arch_set: Dataset) -> list:
+    """Eight seeded batches of the arch split: they choose among samples and guide the budget projection."""
+    arch_loader = epoch_loader(arch_set, run.rt, batch_size=run.batch_size, train=True, seed=run.seed + 31, epoch=0)
+    return list(itertools.islice(arch_loader, 8))
+
+
+def _nni_sample(run: _NniRun, weight_set: Dataset, arch_batches: list, num_samples: int) -> dict[str, Any]:
+    """NNI's result: what DARTS exports, else the best of ``num_samples`` budget-filtered samples on the arch
+    batches (each with BatchNorm statistics re-estimated on a few weight-split batches)."""
+    if isinstance(run.strategy, _NniDARTS):
+        return dict(run.strategy.oneshot_module.export())
+    calib = list(itertools.islice(epoch_loader(weight_set, run.rt, batch_size=run.batch_size, train=True,
+                                               seed=run.seed + 17, epoch=0), 4))
+    return _best_sampled(run.strategy, run.model_space, calib, arch_batches, num_samples, run.rt.device,
+                         run.budget_filter)
+
+
+def _freeze_to_budget(run: _NniRun, nni_sample: dict[str, Any], batches: list
+                      ) -> tuple[nn.Module, dict[str, Any], list[dict[str, Any]]]:
+    """The super-net fixed at NNI's sample, its gates projected onto the budget when they cost more (in eval
+    mode), the sample updated to the gates kept, and the projection's gate changes."""
+    frozen = freeze_network(run.model_space, nni_sample)
+    projection = _project(frozen, run.size, run.budget_macs, batches, run.rt)
     sample = dict(nni_sample)
     for _, layer in dgconv_layers(frozen):
         label = getattr(layer, "nni_label", None)
         if label is not None:
             sample[label] = pattern_of(layer)
     frozen.eval()
-    exported = _export_frozen(frozen, positions).eval()
-
-    val = evaluate(exported, epoch_loader(val_data, rt, batch_size=256, train=False, seed=0, epoch=0), rt)
-    return NniSearchResult(
-        model=exported, frozen=frozen, supernet=model_space, sample=sample, nni_sample=nni_sample,
-        groups=_position_groups(exported, positions), macs=count_macs(exported, size), dense_macs=dense_macs,
-        budget_macs=budget_macs, val_acc=float(val["acc"]), val_loss=float(val["loss"]), strategy=nni_strategy,
-        wall_time_s=time.perf_counter() - start, projection=projection,
-    )
-
+    return frozen, sample, projection
