@@ -11,7 +11,8 @@ import logging
 
 from nas_grouping.channels.pruning import ChannelPruning, prune_channels
 from nas_grouping.convert import arch_parameters, conversion_plan, convert_to_dgconv, dgconv_layers, weight_parameters
-from nas_grouping.errors import BudgetError, ConfigError, DataError, ExportError, MissingDependencyError, NasGroupingError
+from nas_grouping.errors import (BudgetError, ConfigError, DataError, ExportError, MissingDependencyError,
+                                 NasGroupingError)
 from nas_grouping.export.model import export_model, load_model, save_model
 from nas_grouping.macs import count_macs, count_parameters, layer_macs
 from nas_grouping.ops import DGConv2d, PermutedGroupConv2d

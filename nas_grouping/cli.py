@@ -16,7 +16,8 @@ import sys
 import warnings
 from typing import Callable, Sequence
 
-from nas_grouping.config import SearchConfig, SelfGroupingConfig, add_config_arguments, config_from_args, read_config_file
+from nas_grouping.config import (SearchConfig, SelfGroupingConfig, add_config_arguments, config_from_args,
+                                 read_config_file)
 from nas_grouping.errors import ConfigError, NasGroupingError, is_out_of_memory
 from nas_grouping.log import log_to_console
 
@@ -45,8 +46,9 @@ def _cmd_search(args: argparse.Namespace) -> int:
 
     base = read_config_file(args.config) if args.config else None
     if args.resume and base is None and not args.config:
-        from nas_grouping.report import read_json
         from pathlib import Path
+
+        from nas_grouping.report import read_json
 
         out = getattr(args, "out", SearchConfig.out)
         cfg_file = Path(out) / "config.json"
@@ -60,8 +62,8 @@ def _cmd_search(args: argparse.Namespace) -> int:
 def _cmd_compress(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from nas_grouping.pipeline.compress import compress
     from nas_grouping.config import CompressConfig
+    from nas_grouping.pipeline.compress import compress
     from nas_grouping.report import read_json
 
     base = read_config_file(args.config) if args.config else None
@@ -79,9 +81,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_spaces(args: argparse.Namespace) -> int:
-    from search_spaces import default_input_size, get_space, get_space_builder, list_spaces
-
     from nas_grouping.macs import count_macs
+    from search_spaces import default_input_size, get_space, get_space_builder, list_spaces
 
     for name in list_spaces():
         doc = (get_space_builder(name).__doc__ or "").strip().splitlines()
@@ -131,8 +132,8 @@ def _cmd_profile(args: argparse.Namespace) -> int:
         model, name = get_space(args.space, dense=args.pass_ == "self-grouping", **kwargs), args.space
     size = tuple(args.input_size) if args.input_size else default_input_size(args.space)
     if args.pass_ == "self-grouping":
-        from nas_grouping.self_grouping.latency import DEFAULT_FRACTIONS, profile_self_grouping
         from nas_grouping.config import SelfGroupingConfig
+        from nas_grouping.self_grouping.latency import DEFAULT_FRACTIONS, profile_self_grouping
 
         grouping = SelfGroupingConfig(clusters=args.clusters, cluster_sizes=args.cluster_sizes,
                                       threshold=args.threshold, exclude=args.exclude or [])

@@ -16,12 +16,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, TypeVar, get_type_hints
 
-from nas_grouping.files import read_config_file
 from nas_grouping.budget import REGULARIZERS
 from nas_grouping.data import DataConfig
 from nas_grouping.errors import ConfigError
-from nas_grouping.protocols import apply_protocol_defaults, merge_protocol
+from nas_grouping.files import read_config_file
 from nas_grouping.importance import IMPORTANCES
+from nas_grouping.protocols import apply_protocol_defaults, merge_protocol
 
 __all__ = ["SearchConfig", "SelfGroupingConfig", "CompressConfig", "TuneConfig", "config_to_dict", "config_from_dict",
            "read_config_file", "check_same_settings", "add_config_arguments", "config_from_args"]

@@ -20,8 +20,8 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
-from nas_grouping.files import read_config_file
 from nas_grouping.errors import ConfigError
+from nas_grouping.files import read_config_file
 
 __all__ = ["PROTOCOLS", "apply_protocol_defaults", "get_protocol", "list_protocols", "merge_protocol"]
 

@@ -9,8 +9,8 @@ from typing import Any, Sequence
 import pandas as pd
 from torch import nn
 
-from nas_grouping.files import atomic_write
 from nas_grouping.errors import ConfigError
+from nas_grouping.files import atomic_write
 from nas_grouping.macs import layer_macs
 
 __all__ = ["write_json", "read_json", "layer_table", "write_search_report", "format_summary", "print_run"]

@@ -22,9 +22,9 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset, Sampler
 from tqdm.auto import tqdm
 
-from nas_grouping.files import atomic_write
 from nas_grouping.data import TensorBatchLoader, make_loader, tensor_source
 from nas_grouping.errors import ConfigError
+from nas_grouping.files import atomic_write
 from nas_grouping.runtime import Runtime
 
 __all__ = ["seed_everything", "epoch_loader", "train_epoch", "evaluate", "save_checkpoint", "load_checkpoint",

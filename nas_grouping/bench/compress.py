@@ -31,9 +31,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from nas_grouping.errors import ConfigError
+from nas_grouping.latency.timer import machine_info
 from nas_grouping.macs import count_macs
 from nas_grouping.ops.diverse_group import DiverseGroupConv2d, DiverseGroupLinear
-from nas_grouping.latency.timer import machine_info
 
 __all__ = ["VARIANTS", "bench_latency", "bench_accuracy", "format_latency", "masked_reference",
            "pin_fastest_forms"]

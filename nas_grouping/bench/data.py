@@ -22,9 +22,9 @@ from torch.utils.data import Dataset
 from nas_grouping.config import setting
 from nas_grouping.data import DataConfig, load_datasets
 from nas_grouping.errors import ConfigError
+from nas_grouping.latency.timer import machine_info
 from nas_grouping.runtime import setup_runtime
 from nas_grouping.training import epoch_loader
-from nas_grouping.latency.timer import machine_info
 
 __all__ = ["DataBenchConfig", "bench_data", "format_data_bench"]
 
@@ -72,9 +72,8 @@ class _PerSample(Dataset):
 
 def bench_data(cfg: DataBenchConfig) -> dict[str, Any]:
     """Time the model alone, the in-memory epoch, and the per-sample path; return seconds and ratios."""
-    from search_spaces import get_space
-
     from nas_grouping.data import make_loader
+    from search_spaces import get_space
 
     rt = setup_runtime("cpu", "32", cfg.channels_last, False)
     start = time.perf_counter()

@@ -15,8 +15,8 @@ import torch
 from torch import nn
 
 from nas_grouping.export.model import export_layer
-from nas_grouping.ops.dgconv import DGConv2d
 from nas_grouping.latency.timer import machine_info, median_ms
+from nas_grouping.ops.dgconv import DGConv2d
 
 __all__ = ["bench_dgconv", "format_rows"]
 

@@ -30,18 +30,20 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from nas_grouping.config import PROTOCOL_HELP, CompressConfig, SearchConfig, SelfGroupingConfig, setting, config_from_dict, \
-    config_to_dict
-from nas_grouping.protocols import apply_protocol_defaults, merge_protocol
+from nas_grouping.config import (PROTOCOL_HELP, CompressConfig, SearchConfig, SelfGroupingConfig, config_from_dict,
+                                 config_to_dict, setting)
 from nas_grouping.data import DataConfig, load_datasets
 from nas_grouping.errors import ConfigError
-from nas_grouping.macs import count_macs
-from nas_grouping.report import write_json
 from nas_grouping.latency.timer import median_ms
+from nas_grouping.macs import count_macs
+from nas_grouping.protocols import apply_protocol_defaults, merge_protocol
+from nas_grouping.report import write_json
 
 __all__ = ["QualityConfig", "run_quality", "uniform_groups_for_budget"]
 
 METHODS = ("dense", "uniform", "search", "search_from_dense", "self_grouping", "pipeline")
+#: the methods run unless told: all but search_from_dense, which trains more epochs in all
+DEFAULT_METHODS = ("dense", "uniform", "search", "self_grouping", "pipeline")
 
 
 @dataclass
@@ -55,7 +57,7 @@ class QualityConfig:
     seeds: int = setting(5, "seeds per (method, budget)")
     epochs: int = setting(15, "training epochs of every dense / uniform / search cell")
     sg_epochs: int = setting(5, "self-grouping fine-tuning epochs (on top of the trained dense model)")
-    methods: list = setting(list(METHODS), "methods to run")
+    methods: list = setting(list(DEFAULT_METHODS), "methods to run")
     pipeline_budget: float | None = setting(None, "the budget of the pipeline method (default: the smallest)")
     search_settings: dict = setting({}, "SearchConfig settings of every search, search_from_dense and pipeline cell, "
                                     "as JSON (e.g. {\"budget_ramp\": 0.5}); cells with other settings "
@@ -94,10 +96,9 @@ def uniform_groups_for_budget(space: str, space_kwargs: dict, fraction: float, n
                               input_size: tuple[int, ...]) -> tuple[dict[str, int], int] | None:
     """Near-uniform contiguous groups per layer landing just under ``fraction`` of the dense MACs (see
     ``groups_at_budget``), with their MACs; None when even the largest groups do not fit."""
-    from search_spaces import get_space
-
     from nas_grouping.budget import ModelCost, groups_at_budget
     from nas_grouping.errors import BudgetError
+    from search_spaces import get_space
 
     model = get_space(space, num_classes=num_classes, in_channels=input_size[0], **space_kwargs)
     try:

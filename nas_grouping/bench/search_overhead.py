@@ -15,9 +15,9 @@ from nas_grouping.budget import AdditiveRegularizer, ModelCost
 from nas_grouping.convert import arch_parameters, weight_parameters
 from nas_grouping.data import DataConfig, load_datasets
 from nas_grouping.errors import ConfigError
+from nas_grouping.latency.timer import machine_info
 from nas_grouping.runtime import setup_runtime
 from nas_grouping.training import epoch_loader, seed_everything, train_epoch
-from nas_grouping.latency.timer import machine_info
 
 __all__ = ["bench_search_overhead"]
 

@@ -46,14 +46,14 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from nas_grouping.config import setting
 from nas_grouping.channels.pruning import least_ratio
+from nas_grouping.config import setting
 from nas_grouping.errors import BudgetError, ConfigError
 from nas_grouping.latency.measure import LatencyCost, MeasuredLatency, fastest_layouts, profile_layers
 from nas_grouping.latency.timer import machine_info
 from nas_grouping.macs import count_macs
-from nas_grouping.pipeline.hybrid import HybridCompression, export_fastest, gate_batches, project_gates, \
-    project_gates_to_latency
+from nas_grouping.pipeline.hybrid import (HybridCompression, export_fastest, gate_batches, project_gates,
+                                          project_gates_to_latency)
 
 __all__ = ["SpeedConfig", "run_speed", "format_speed", "NETWORKS", "torch_pruning_prune"]
 

@@ -18,7 +18,6 @@ the same seeds sees the same data in the same order.
 
 from __future__ import annotations
 
-from nas_grouping.errors import ConfigError
 from nas_grouping.data.cifar import CIFAR10_CLASSES, load_cifar, read_cifar10_jpeg
 from nas_grouping.data.config import DATASETS, DataConfig, DatasetKind, Datasets, register_dataset
 from nas_grouping.data.digits import DigitsDataset, load_digits
@@ -26,6 +25,7 @@ from nas_grouping.data.imagefolder import load_imagefolder
 from nas_grouping.data.loaders import make_loader
 from nas_grouping.data.memory import ImageTensorDataset, TensorBatchLoader, augment_batch, tensor_source
 from nas_grouping.data.splits import split_dataset
+from nas_grouping.errors import ConfigError
 
 __all__ = [
     "CIFAR10_CLASSES",

@@ -30,10 +30,10 @@ import torch
 from torchvision.datasets import CIFAR10, CIFAR100
 from torchvision.datasets.vision import VisionDataset
 
-from nas_grouping.errors import DataError
 from nas_grouping.data.config import DataConfig, Datasets, require_data_dir
 from nas_grouping.data.memory import ImageTensorDataset
 from nas_grouping.data.splits import split_indices
+from nas_grouping.errors import DataError
 
 __all__ = ["CIFAR10_CLASSES", "load_cifar", "read_cifar10_jpeg"]
 

@@ -8,9 +8,9 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
-from nas_grouping.errors import ConfigError
 from nas_grouping.data.config import DataConfig, Datasets
 from nas_grouping.data.splits import split_indices
+from nas_grouping.errors import ConfigError
 
 __all__ = ["DigitsDataset", "load_digits"]
 

@@ -11,9 +11,9 @@ import torchvision.transforms as T
 from torch.utils.data import Dataset, Subset
 from torchvision.datasets import ImageFolder
 
-from nas_grouping.errors import DataError
 from nas_grouping.data.config import DataConfig, Datasets, require_data_dir
 from nas_grouping.data.splits import split_indices
+from nas_grouping.errors import DataError
 
 __all__ = ["load_imagefolder"]
 

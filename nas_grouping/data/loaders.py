@@ -8,8 +8,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from nas_grouping.errors import ConfigError
 from nas_grouping.data.config import _is_int
+from nas_grouping.errors import ConfigError
 
 __all__ = ["make_loader"]
 

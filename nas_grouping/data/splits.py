@@ -6,8 +6,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Subset
 
-from nas_grouping.errors import ConfigError
 from nas_grouping.data.config import _check_fraction
+from nas_grouping.errors import ConfigError
 
 __all__ = ["split_dataset", "split_indices"]
 

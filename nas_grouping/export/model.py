@@ -26,12 +26,12 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from nas_grouping.files import atomic_write
 from nas_grouping.convert import dgconv_layers, set_submodule
 from nas_grouping.errors import ExportError, is_out_of_memory
-from nas_grouping.ops.dgconv import DGConv2d
 from nas_grouping.export.records import (LAYOUT_ATTR, RECIPE_ATTR, architecture_records, base_model, exportable,
                                          register_exportable, set_widths)
+from nas_grouping.files import atomic_write
+from nas_grouping.ops.dgconv import DGConv2d
 from nas_grouping.ops.group_conv import PermutedGroupConv2d, conv_config, conv_from_config
 
 __all__ = [

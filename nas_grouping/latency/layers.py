@@ -23,10 +23,10 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules.conv import _ConvNd
 
-from nas_grouping.files import atomic_write
-from nas_grouping.latency.timer import median_ms
 from nas_grouping.errors import ConfigError
-from nas_grouping.latency.measure import LAYOUTS, example_input, set_layout, fastest_layouts, measured_on
+from nas_grouping.files import atomic_write
+from nas_grouping.latency.measure import LAYOUTS, example_input, fastest_layouts, measured_on, set_layout
+from nas_grouping.latency.timer import median_ms
 from nas_grouping.macs import check_input_size, count_macs, layer_macs
 from nas_grouping.ops.dgconv import DGConv2d
 from nas_grouping.ops.diverse_group import DiverseGroupConv2d, DiverseGroupLinear

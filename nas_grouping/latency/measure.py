@@ -30,12 +30,12 @@ import torch
 from torch import Tensor, nn
 
 from nas_grouping.budget import parse_latency_budget
-from nas_grouping.files import atomic_write
-from nas_grouping.latency.timer import enough_repeats, freed_memory_kept, keep_freed_memory, median_ms, sample_ms
 from nas_grouping.convert import dgconv_layers
 from nas_grouping.errors import BudgetError, ConfigError
 from nas_grouping.export.model import export_model, replace_layer
 from nas_grouping.export.records import LAYOUT_ATTR, records_of
+from nas_grouping.files import atomic_write
+from nas_grouping.latency.timer import enough_repeats, freed_memory_kept, keep_freed_memory, median_ms, sample_ms
 from nas_grouping.macs import check_input_size
 from nas_grouping.ops.dgconv import DGConv2d
 from nas_grouping.ops.group_conv import PermutedGroupConv2d

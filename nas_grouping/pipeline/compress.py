@@ -29,21 +29,22 @@ import pandas as pd
 import torch
 from torch import nn
 
-from nas_grouping.files import check_run_folder, claim_run_folder
 from nas_grouping.budget import MacBudget
 from nas_grouping.channels.pruning import ChannelPruning
 from nas_grouping.config import CompressConfig, SelfGroupingConfig, check_same_settings, config_to_dict, with_defaults
 from nas_grouping.data import load_datasets
 from nas_grouping.errors import ConfigError, ExportError, RunExistsError
-from nas_grouping.self_grouping.latency import profile_self_grouping
 from nas_grouping.export.model import load_model, save_model
 from nas_grouping.export.records import RECIPE_ATTR
-from nas_grouping.latency.measure import LAYOUTS, LatencyTable, MeasuredLatency, choose_fastest_forms, parse_latency_budget, sample_models
+from nas_grouping.files import check_run_folder, claim_run_folder
 from nas_grouping.latency.layers import WHOLE, layer_latency, summary_from_layers, write_layer_latency
+from nas_grouping.latency.measure import (LAYOUTS, LatencyTable, MeasuredLatency, choose_fastest_forms,
+                                          parse_latency_budget, sample_models)
 from nas_grouping.macs import count_macs, count_parameters, layer_macs
 from nas_grouping.report import read_json, write_json
 from nas_grouping.runtime import Runtime, setup_runtime
 from nas_grouping.self_grouping.grouping import GroupingPlan, LayerOutcome, SelfGrouping, SelfGroupingResult
+from nas_grouping.self_grouping.latency import profile_self_grouping
 from nas_grouping.training import epoch_loader, evaluate
 
 __all__ = ["compress", "CompressResult", "load_source_model", "measure_latency", "layer_table", "format_summary"]

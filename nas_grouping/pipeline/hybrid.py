@@ -40,8 +40,8 @@ from nas_grouping.export.model import export_model, load_model, save_model
 from nas_grouping.export.records import RECIPE_ATTR
 from nas_grouping.files import check_run_folder, claim_run_folder
 from nas_grouping.graph.fold import count_gathers
-from nas_grouping.latency.measure import LatencyCost, MeasuredLatency, choose_fastest_forms, fastest_layouts, \
-    profile_layers
+from nas_grouping.latency.measure import (LatencyCost, MeasuredLatency, choose_fastest_forms, fastest_layouts,
+                                          profile_layers)
 from nas_grouping.latency.timer import enough_repeats
 from nas_grouping.macs import check_input_size, count_macs, count_parameters
 from nas_grouping.report import write_json

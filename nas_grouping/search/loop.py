@@ -25,17 +25,17 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from nas_grouping.files import check_run_folder, claim_run_folder
 from nas_grouping.budget import MacBudget, ModelCost, make_regularizer
 from nas_grouping.config import SearchConfig, check_same_settings, config_from_dict, config_to_dict
 from nas_grouping.convert import arch_parameters, dgconv_layers, weight_parameters
 from nas_grouping.data import load_datasets, split_dataset
 from nas_grouping.errors import BudgetError, ConfigError, RunExistsError
 from nas_grouping.export.model import export_model, load_model, save_model
+from nas_grouping.files import check_run_folder, claim_run_folder
 from nas_grouping.macs import count_macs, count_parameters
 from nas_grouping.runtime import Runtime, setup_runtime, unwrap
-from nas_grouping.training import (epoch_loader, evaluate, load_checkpoint, make_lr_scheduler, save_checkpoint, seed_everything,
-                       train_epoch)
+from nas_grouping.training import (epoch_loader, evaluate, load_checkpoint, make_lr_scheduler, save_checkpoint,
+                                   seed_everything, train_epoch)
 
 __all__ = ["search", "SearchResult", "project_to_budget", "build_search_model"]
 

@@ -39,14 +39,14 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
 import torch
 from torch import nn
 
-from nas_grouping.self_grouping._cluster import Pruning, balance_labels, centroid_prune, kmeans_labels
-from nas_grouping.self_grouping._layers import Prunable, layer_candidates
-from nas_grouping.importance import IMPORTANCES, Importance, MagnitudeImportance, make_importance
-from nas_grouping.specs import match_layer, resolve_clusters
 from nas_grouping.budget import MacBudget
 from nas_grouping.errors import BudgetError, ConfigError
 from nas_grouping.export.model import replace_layer
+from nas_grouping.importance import IMPORTANCES, Importance, MagnitudeImportance, make_importance
 from nas_grouping.macs import check_input_size, layer_macs
+from nas_grouping.self_grouping._cluster import Pruning, balance_labels, centroid_prune, kmeans_labels
+from nas_grouping.self_grouping._layers import Prunable, layer_candidates
+from nas_grouping.specs import match_layer, resolve_clusters
 
 #: what a measured latency fit adds to ``GroupingPlan.latency`` (reused as is on resume and on other ranks)
 MEASURED_KEYS = ("budget_ms", "table_target_ms", "measured_budget_ms", "reference_ms", "measured_ms", "measured_met",
@@ -313,8 +313,8 @@ class SelfGrouping:
 
     def _fit_latency(self, plan: GroupingPlan, model: nn.Module, size: tuple[int, ...],
                      table: "LatencyTable | None", measured: dict[str, Any] | None = None) -> GroupingPlan:
-        from nas_grouping.self_grouping.latency import fit_latency, profile_self_grouping
         from nas_grouping.latency.measure import LatencyTable
+        from nas_grouping.self_grouping.latency import fit_latency, profile_self_grouping
 
         cfg = self.config
         if table is None and cfg.latency_table:

@@ -24,15 +24,15 @@ from typing import TYPE_CHECKING, Any, Sequence
 import torch
 from torch import nn
 
-from nas_grouping.importance import magnitude_importance
-from nas_grouping.self_grouping._cluster import balance_labels, centroid_prune, kmeans_labels
-from nas_grouping.self_grouping._layers import Prunable
-from nas_grouping.latency.timer import median_ms
 from nas_grouping.errors import BudgetError, ConfigError
-from nas_grouping.latency.measure import LatencyTable, input_layout, layer_inputs, set_layout, measure_ms, parse_latency_budget, \
-    table_meta
+from nas_grouping.importance import magnitude_importance
+from nas_grouping.latency.measure import (LatencyTable, input_layout, layer_inputs, measure_ms, parse_latency_budget,
+                                          set_layout, table_meta)
+from nas_grouping.latency.timer import median_ms
 from nas_grouping.macs import check_input_size
 from nas_grouping.ops.diverse_group import FORMS
+from nas_grouping.self_grouping._cluster import balance_labels, centroid_prune, kmeans_labels
+from nas_grouping.self_grouping._layers import Prunable
 
 if TYPE_CHECKING:
     from nas_grouping.config import SelfGroupingConfig

@@ -42,15 +42,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+from nas_grouping.config import (TUNE_PRUNERS, TUNE_SAMPLERS, CompressConfig, SearchConfig, TuneConfig,
+                                 config_from_dict, config_to_dict)
+from nas_grouping.errors import ConfigError, WorkerError
 from nas_grouping.files import check_run_folder, claim_run_folder
-from nas_grouping.tune._knobs import BUDGET, SHARE, Knob, apply_knobs, check_enqueued, knob_groups, parse_knobs, share_param
+from nas_grouping.report import read_json, write_json
+from nas_grouping.tune._knobs import (BUDGET, SHARE, Knob, apply_knobs, check_enqueued, knob_groups, parse_knobs,
+                                      share_param)
 from nas_grouping.tune._report import SUMMARY, format_tuning_run, write_results
 from nas_grouping.tune._storage import ClaimLock, StorageSpec, WorkerLock, open_storage, resolve_storage
 from nas_grouping.tune._trials import TrialContext, make_objective, model_latency_ms
-from nas_grouping.config import (TUNE_PRUNERS, TUNE_SAMPLERS, CompressConfig, SearchConfig, TuneConfig, config_from_dict,
-                                  config_to_dict)
-from nas_grouping.errors import ConfigError, WorkerError
-from nas_grouping.report import read_json, write_json
 
 __all__ = ["tune", "TuneResult", "Knob", "print_tuning_run", "is_tuning_run", "load_tuning_config"]
 

@@ -54,23 +54,13 @@ from nas_grouping.integrations.nni.compat import INSTALL_HINT, require_nni
 require_nni()
 
 from nas_grouping.integrations.nni.cost import NniModelCost  # noqa: E402
-from nas_grouping.integrations.nni.evaluator import (  # noqa: E402
-    BudgetedClassification,
-    BudgetedClassificationModule,
-    MacBudgetFilter,
-    exclude_gates_from_weight_decay,
-)
-from nas_grouping.integrations.nni.ops import (  # noqa: E402
-    DifferentiableDGConv2d,
-    MutableDGConv2d,
-    SamplingDGConv2d,
-    contiguous_pattern,
-    dgconv_mutation_hook,
-    gate_patterns,
-    pattern_groups,
-    pattern_of,
-)
-from nas_grouping.integrations.nni.search import NniSearchResult, export_nni_model, freeze_network, nni_search  # noqa: E402
+from nas_grouping.integrations.nni.evaluator import (BudgetedClassification, BudgetedClassificationModule,  # noqa: E402
+                                                     MacBudgetFilter, exclude_gates_from_weight_decay)
+from nas_grouping.integrations.nni.ops import (DifferentiableDGConv2d, MutableDGConv2d, SamplingDGConv2d,  # noqa: E402
+                                               contiguous_pattern, dgconv_mutation_hook, gate_patterns, pattern_groups,
+                                               pattern_of)
+from nas_grouping.integrations.nni.search import (NniSearchResult, export_nni_model, freeze_network,  # noqa: E402
+                                                  nni_search)
 from nas_grouping.integrations.nni.space import CANDIDATES, DGConvModelSpace  # noqa: E402
 from nas_grouping.integrations.nni.strategy import DARTS, CombinedOptimizer, GumbelDARTS, RandomOneShot  # noqa: E402
 

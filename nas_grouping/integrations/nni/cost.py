@@ -17,10 +17,10 @@ import torch
 from torch import Tensor, nn
 
 from nas_grouping.errors import BudgetError, ConfigError
-from nas_grouping.macs import check_input_size, layer_macs
-from nas_grouping.ops.dgconv import DGConv2d
 from nas_grouping.integrations.nni.compat import require_nni
 from nas_grouping.integrations.nni.ops import pattern_groups
+from nas_grouping.macs import check_input_size, layer_macs
+from nas_grouping.ops.dgconv import DGConv2d
 
 require_nni()
 

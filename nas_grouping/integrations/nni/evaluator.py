@@ -24,9 +24,9 @@ from torch import nn
 from nas_grouping.budget import MacBudget, make_regularizer
 from nas_grouping.config import SearchConfig
 from nas_grouping.errors import ConfigError
-from nas_grouping.ops.dgconv import DGConv2d
 from nas_grouping.integrations.nni.compat import require_nni
 from nas_grouping.integrations.nni.cost import NniModelCost
+from nas_grouping.ops.dgconv import DGConv2d
 
 _D = SearchConfig  # one definition of each knob: the plain search's defaults
 

@@ -36,18 +36,15 @@ import torch
 from torch import Tensor, nn
 
 from nas_grouping.errors import ConfigError
-from nas_grouping.ops.dgconv import DGConv2d
 from nas_grouping.integrations.nni.compat import require_nni
+from nas_grouping.ops.dgconv import DGConv2d
 
 require_nni()
 
 from nni.mutable import Categorical, Sample, SampleMissingError, SampleValidationError  # noqa: E402
 from nni.nas.nn.pytorch import MutableModule  # noqa: E402
 from nni.nas.oneshot.pytorch.supermodule.base import BaseSuperNetModule  # noqa: E402
-from nni.nas.oneshot.pytorch.supermodule.differentiable import (  # noqa: E402
-    GumbelSoftmax,
-    MixedOpDifferentiablePolicy,
-)
+from nni.nas.oneshot.pytorch.supermodule.differentiable import GumbelSoftmax, MixedOpDifferentiablePolicy  # noqa: E402
 from nni.nas.oneshot.pytorch.supermodule.sampling import MixedOpPathSamplingPolicy  # noqa: E402
 
 __all__ = [

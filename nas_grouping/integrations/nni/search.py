@@ -38,25 +38,25 @@ from nas_grouping.convert import dgconv_layers
 from nas_grouping.data import split_dataset
 from nas_grouping.errors import BudgetError, ConfigError
 from nas_grouping.export.model import export_model, replace_layer
-from nas_grouping.macs import count_macs
-from nas_grouping.ops.dgconv import DGConv2d
-from nas_grouping.runtime import Runtime, setup_runtime
-from nas_grouping.search.loop import project_to_budget
-from nas_grouping.training import epoch_loader, evaluate, seed_everything
 from nas_grouping.integrations.nni.compat import require_nni
 from nas_grouping.integrations.nni.cost import NniModelCost
 from nas_grouping.integrations.nni.evaluator import BudgetedClassification, MacBudgetFilter, as_budget
 from nas_grouping.integrations.nni.ops import pattern_of
 from nas_grouping.integrations.nni.space import UNSUPPORTED_STRATEGIES, DGConvModelSpace, searchable_positions
 from nas_grouping.integrations.nni.strategy import DARTS, GumbelDARTS, RandomOneShot
+from nas_grouping.macs import count_macs
+from nas_grouping.ops.dgconv import DGConv2d
+from nas_grouping.runtime import Runtime, setup_runtime
+from nas_grouping.search.loop import project_to_budget
+from nas_grouping.training import epoch_loader, evaluate, seed_everything
 
 require_nni()
 
 from nni.nas.evaluator.pytorch import DataLoader  # noqa: E402
 from nni.nas.execution import SequentialExecutionEngine  # noqa: E402
 from nni.nas.nn.pytorch import ModelSpace  # noqa: E402
-from nni.nas.oneshot.pytorch.strategy import DARTS as _NniDARTS  # noqa: E402
 from nni.nas.oneshot.pytorch.strategy import OneShotStrategy  # noqa: E402
+from nni.nas.oneshot.pytorch.strategy import DARTS as _NniDARTS  # noqa: E402
 from nni.nas.space import RawFormatModelSpace  # noqa: E402
 from nni.nas.strategy import Strategy  # noqa: E402
 

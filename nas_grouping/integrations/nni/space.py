@@ -17,11 +17,11 @@ from typing import Any, Sequence
 import torch
 from torch import Tensor, nn
 
-from nas_grouping.convert import set_submodule, dgconv_layers
+from nas_grouping.convert import dgconv_layers, set_submodule
 from nas_grouping.errors import ConfigError
-from nas_grouping.ops.dgconv import DGConv2d
 from nas_grouping.integrations.nni.compat import require_nni
 from nas_grouping.integrations.nni.ops import SAMPLING_MODES, DifferentiableDGConv2d, MutableDGConv2d, SamplingDGConv2d
+from nas_grouping.ops.dgconv import DGConv2d
 
 require_nni()
 

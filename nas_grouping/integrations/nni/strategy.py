@@ -22,17 +22,16 @@ from typing import Any
 
 import torch
 
-from nas_grouping.search.loop import make_gate_optimizer
 from nas_grouping.integrations.nni.compat import require_nni
 from nas_grouping.integrations.nni.ops import DifferentiableDGConv2d, dgconv_mutation_hook
+from nas_grouping.search.loop import make_gate_optimizer
 
 require_nni()
 
 from nni.nas.oneshot.pytorch.differentiable import DartsLightningModule, GumbelDartsLightningModule  # noqa: E402
-from nni.nas.oneshot.pytorch.strategy import DARTS as _NniDARTS  # noqa: E402
-from nni.nas.oneshot.pytorch.strategy import GumbelDARTS as _NniGumbelDARTS  # noqa: E402
 from nni.nas.oneshot.pytorch.strategy import LinearTemperatureScheduler  # noqa: E402
-from nni.nas.oneshot.pytorch.strategy import RandomOneShot as _NniRandomOneShot  # noqa: E402
+from nni.nas.oneshot.pytorch.strategy import (DARTS as _NniDARTS, GumbelDARTS as _NniGumbelDARTS,  # noqa: E402
+                                              RandomOneShot as _NniRandomOneShot)
 
 __all__ = ["DARTS", "GumbelDARTS", "RandomOneShot", "CombinedOptimizer", "NNI_ARCH_WEIGHT_DECAY"]
 
