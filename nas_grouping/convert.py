@@ -37,7 +37,7 @@ class ConversionStep:
 
 
 def _decide(name: str, conv: nn.Conv2d, *, first: bool, skip_first: bool, skip_pointwise: bool,
-            skip_depthwise: bool, exclude: Sequence[str]) -> tuple[bool, str]:
+            skip_depthwise: bool, skip_grouped: bool, exclude: Sequence[str]) -> tuple[bool, str]:
     if any(fnmatch.fnmatchcase(name, pat) for pat in exclude):
         return False, "excluded by name pattern"
     if type(conv) is not nn.Conv2d:
@@ -47,6 +47,8 @@ def _decide(name: str, conv: nn.Conv2d, *, first: bool, skip_first: bool, skip_p
     if conv.groups > 1 and conv.groups == conv.in_channels:
         if skip_depthwise:
             return False, "depthwise (skip_depthwise)"
+    elif conv.groups > 1 and skip_grouped:
+        return False, f"already grouped, groups={conv.groups} (skip_grouped)"
     if conv.kernel_size == (1, 1) and skip_pointwise:
         return False, "1x1 (skip_pointwise)"
     k = shared_power_of_two(conv.in_channels, conv.out_channels)
@@ -59,7 +61,8 @@ def _decide(name: str, conv: nn.Conv2d, *, first: bool, skip_first: bool, skip_p
 
 
 def conversion_plan(model: nn.Module, *, skip_first: bool = True, skip_pointwise: bool = False,
-                    skip_depthwise: bool = True, exclude: Sequence[str] = ()) -> list[ConversionStep]:
+                    skip_depthwise: bool = True, skip_grouped: bool = True,
+                    exclude: Sequence[str] = ()) -> list[ConversionStep]:
     """What ``convert_to_dgconv`` would do with each nn.Conv2d of ``model``, in order."""
     if isinstance(exclude, str):
         exclude = [exclude]
@@ -68,7 +71,7 @@ def conversion_plan(model: nn.Module, *, skip_first: bool = True, skip_pointwise
         if isinstance(m, DGConv2d) or not isinstance(m, nn.Conv2d):
             continue
         ok, why = _decide(name, m, first=first, skip_first=skip_first, skip_pointwise=skip_pointwise,
-                          skip_depthwise=skip_depthwise, exclude=exclude)
+                          skip_depthwise=skip_depthwise, skip_grouped=skip_grouped, exclude=exclude)
         first = False
         steps.append(ConversionStep(name, m.in_channels, m.out_channels, tuple(m.kernel_size), m.groups, ok, why))
     return steps
@@ -81,14 +84,19 @@ def set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
 
 
 def convert_to_dgconv(model: nn.Module, *, skip_first: bool = True, skip_pointwise: bool = False,
-                      skip_depthwise: bool = True, exclude: Sequence[str] = (), gate_init: float = 1e-2,
-                      inplace: bool = False) -> nn.Module:
+                      skip_depthwise: bool = True, skip_grouped: bool = True, exclude: Sequence[str] = (),
+                      gate_init: float = 1e-2, inplace: bool = False) -> nn.Module:
     """Return ``model`` with its convertible nn.Conv2d layers replaced by DGConv2d.
 
     Args:
         skip_first: leave the first convolution (the stem) alone.
         skip_pointwise: leave 1x1 convolutions alone.
         skip_depthwise: leave depthwise convolutions alone (grouping them further is meaningless).
+        skip_grouped: leave convolutions that are already grouped (ResNeXt, RegNet) alone. A DGConv2d
+            stores its weight dense, so converting one multiplies its stored weights by its groups
+            (resnext50_32x4d: 23.0M -> 66.9M), and the gates it starts with off see exactly zero task
+            gradient (their weights are masked), so they never reopen: with ``False`` such a layer can
+            only group further, never less.
         exclude: fnmatch patterns of module names to leave alone, e.g. ``["layer4.*"]``.
         gate_init: magnitude of the initial gate latents.
         inplace: modify ``model`` instead of a deep copy.
@@ -97,7 +105,7 @@ def convert_to_dgconv(model: nn.Module, *, skip_first: bool = True, skip_pointwi
     """
     target = model if inplace else copy.deepcopy(model)
     plan = conversion_plan(target, skip_first=skip_first, skip_pointwise=skip_pointwise,
-                           skip_depthwise=skip_depthwise, exclude=exclude)
+                           skip_depthwise=skip_depthwise, skip_grouped=skip_grouped, exclude=exclude)
     for step in plan:
         if step.convert:
             new = DGConv2d.from_conv(target.get_submodule(step.name), gate_init=gate_init)

@@ -81,12 +81,12 @@ TV = ["resnet18", "mobilenet_v2", "resnext50_32x4d"]
 def test_converted_torchvision_model_computes_the_same(tv_models, name):
     original = randomize_bn(copy.deepcopy(tv_models(name))).eval()
     snap = snapshot(original)
-    converted = convert_to_dgconv(original).eval()
+    converted = convert_to_dgconv(original, skip_grouped=False).eval()
     assert converted is not original
     assert_unchanged(original, snap)  # the original is untouched
     assert not any(isinstance(m, DGConv2d) for m in original.modules())
 
-    plan = conversion_plan(original)
+    plan = conversion_plan(original, skip_grouped=False)
     layers = dict(dgconv_layers(converted))
     assert set(layers) == {s.name for s in plan if s.convert}
     assert len(layers) > 10
@@ -114,7 +114,7 @@ def test_resnet18_plan_reasons(tv_models):
 
 
 def test_resnext_plan_says_starting_groups(tv_models):
-    plan = {s.name: s for s in conversion_plan(tv_models("resnext50_32x4d"))}
+    plan = {s.name: s for s in conversion_plan(tv_models("resnext50_32x4d"), skip_grouped=False)}
     assert plan["layer1.0.conv2"].convert
     assert plan["layer1.0.conv2"].reason == "converted, starting at groups=32"
     assert plan["layer1.0.conv1"].reason == "converted"
@@ -206,7 +206,7 @@ def test_plan_with_string_exclude_agrees_with_convert(tv_models):
 # ----------------------------------------------------------- a hand-made net
 
 def test_hand_net_plan_reasons():
-    plan = {s.name: s for s in conversion_plan(HandNet())}
+    plan = {s.name: s for s in conversion_plan(HandNet(), skip_grouped=False)}
     assert list(plan) == ["stem", "dw", "pw", "grouped", "odd", "g3", "nopow", "sub", "head.0"]
     reasons = {n: s.reason for n, s in plan.items()}
     assert reasons["stem"] == "first convolution (skip_first)"
@@ -227,7 +227,7 @@ def test_hand_net_plan_reasons():
 def test_hand_net_options(skip_first, skip_depthwise, skip_pointwise):
     model = randomize_bn(HandNet()).eval()
     converted = convert_to_dgconv(model, skip_first=skip_first, skip_depthwise=skip_depthwise,
-                                  skip_pointwise=skip_pointwise, gate_init=0.2).eval()
+                                  skip_pointwise=skip_pointwise, skip_grouped=False, gate_init=0.2).eval()
     layers = dict(dgconv_layers(converted))
     expected = {"grouped", "odd"}
     if not skip_first:
@@ -269,7 +269,7 @@ def test_not_inplace_leaves_original():
 
 
 def test_converting_twice_is_a_no_op():
-    once = convert_to_dgconv(HandNet())
+    once = convert_to_dgconv(HandNet(), skip_grouped=False)
     once.grouped.set_gates([1, 0, 1, 0, 1])
     twice = convert_to_dgconv(once)
     assert [(n, type(m)) for n, m in once.named_modules()] == [(n, type(m)) for n, m in twice.named_modules()]
@@ -336,3 +336,23 @@ def test_convert_a_bare_conv():
     conv = nn.Conv2d(8, 16, 3)
     converted = convert_to_dgconv(conv, skip_first=False)
     assert isinstance(converted, DGConv2d)
+
+
+def test_grouped_convolutions_are_left_alone_by_default(tv_models):
+    """A DGConv2d stores its weight dense: converting ResNeXt's 32-group convs would store 32x their weights, and
+    gates that start off never reopen, so they stay as they are unless asked."""
+    original = tv_models("resnext50_32x4d")
+    plan = {s.name: s for s in conversion_plan(original)}
+    assert not plan["layer1.0.conv2"].convert
+    assert plan["layer1.0.conv2"].reason == "already grouped, groups=32 (skip_grouped)"
+    assert plan["layer1.0.conv1"].convert
+    converted = convert_to_dgconv(original)
+    assert type(converted.layer1[0].conv2) is nn.Conv2d
+    def stored(m):
+        return sum(p.numel() for p in m.parameters())
+
+    assert stored(converted) < 1.01 * stored(original)
+    assert stored(convert_to_dgconv(original, skip_grouped=False)) > 2 * stored(original)
+    hand = {s.name: s.reason for s in conversion_plan(HandNet())}
+    assert hand["grouped"] == "already grouped, groups=4 (skip_grouped)"
+    assert "groups=3" in hand["g3"] and hand["dw"] == "depthwise (skip_depthwise)"

@@ -225,7 +225,7 @@ def test_export_converted_resnet18(tv_models, seed):
 
 def test_export_converted_resnext_at_source_groups(tv_models):
     """Gates start at the source groups: exporting gives back plain grouped convs, no permutation."""
-    masked = convert_to_dgconv(tv_models("resnext50_32x4d"), exclude=["layer3.*", "layer4.*"])
+    masked = convert_to_dgconv(tv_models("resnext50_32x4d"), exclude=["layer3.*", "layer4.*"], skip_grouped=False)
     exported = export_model(masked)
     assert not any(isinstance(m, PermutedGroupConv2d) for m in exported.modules())
     assert exported.layer1[0].conv2.groups == 32 and type(exported.layer1[0].conv2) is nn.Conv2d
