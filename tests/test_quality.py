@@ -10,6 +10,7 @@ import torch
 from nas_grouping import ConfigError
 from nas_grouping.bench.quality import QualityConfig, run_quality, uniform_groups_for_budget
 from nas_grouping.data import DataConfig
+from nas_grouping.macs import count_macs
 
 SMALL = {"widths": [8, 8, 16, 16, 16, 16]}
 
@@ -77,3 +78,56 @@ def test_search_cells_with_other_settings_are_kept_apart_and_can_start_from_the_
     assert dense_name == "dense-dense-0" and dense_kw == {"dense": True}
     assert name.startswith("search_from_dense-0.5-0-") and kw["init_from"].endswith("dense-dense-0")
     assert kw["budget_ramp"] == 0.5 and kw["budget"] == 0.5
+
+
+@pytest.mark.parametrize("method", ["channels", "torch_pruning", "torch_pruning_gn"])
+def test_pruning_cells_prune_the_dense_model_to_the_budget_and_fine_tune_it(tmp_path, monkeypatch, method):
+    if method != "channels":
+        pytest.importorskip("torch_pruning", reason="Torch-Pruning lives in the benchmark's own environment")
+    from nas_grouping import save_model
+    from nas_grouping.bench import quality
+    from search_spaces import get_space
+
+    def dense_run(self, name, seed, **kw):  # a trained dense model stands in for the dense cell's run
+        folder = self.out / "runs" / name
+        torch.manual_seed(seed)
+        save_model(get_space("digits_convnet", dense=True, **SMALL), folder / "model")
+        (folder / "summary.json").write_text(json.dumps({"val_acc": 0.1, "epochs": 3}))
+
+        class Run:
+            model = get_space("digits_convnet", dense=True, **SMALL)
+            summary = {"val_acc": 0.1}
+        return Run()
+
+    monkeypatch.setattr(quality._Bench, "run_search", dense_run)
+    bench = quality._Bench(QualityConfig(space_kwargs=SMALL, out=str(tmp_path), sg_epochs=1,
+                                         data=DataConfig(batch_size=128)))
+    row = bench.cell(method, 0.5, 0)
+    dense = bench.cell("dense", None, 0)
+    assert row["status"] == "ok" and row["macs"] <= 0.5 * dense["macs"]
+    assert row["finetune_epochs"] == 1 and row["epochs_total"] == 4 and 0 < row["pruning_ratio"] < 1
+    # the fine-tuning trains the pruned model, and the accuracy reported is that model's
+    from nas_grouping.runtime import setup_runtime
+    from nas_grouping.training import epoch_loader, evaluate
+
+    dense_model = get_space("digits_convnet", dense=True, **SMALL)
+    model, acc, _ = bench.prune_and_finetune(method, dense_model, 0.5, 0)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    again, _, _ = bench.prune_and_finetune(method, dense_model, 0.5, 0)
+    assert all(torch.equal(before[k], v) for k, v in again.state_dict().items())  # seeded: repeatable
+    rt = setup_runtime("cpu", "32", False, False)
+    assert evaluate(model, epoch_loader(bench.ds.val, rt, batch_size=256, train=False, seed=0, epoch=0), rt)["acc"] \
+        == pytest.approx(acc)
+    budget_macs = int(0.5 * count_macs(dense_model, (1, 8, 8)))
+    if method == "channels":
+        from nas_grouping.channels.pruning import ChannelPruning
+
+        pruned_only = ChannelPruning(dense_model, (1, 8, 8)).prune_to_budget(budget_macs)[0]
+    else:
+        from nas_grouping.bench.speed import torch_pruning_prune
+
+        pruned_only = torch_pruning_prune(dense_model, (1, 8, 8), budget_macs,
+                                          importance="l1" if method == "torch_pruning" else "group_norm")[0]
+    tuned, untuned = model.state_dict(), pruned_only.state_dict()
+    assert tuned.keys() == untuned.keys() and all(tuned[k].shape == untuned[k].shape for k in tuned)
+    assert any(not torch.equal(tuned[k], untuned[k]) for k in tuned if k.endswith("weight"))

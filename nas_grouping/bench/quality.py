@@ -6,13 +6,14 @@ dense; uniform group convs at each budget (every layer at G or 2G contiguous gro
 landing just under the budget: the ResNeXt-style baseline at equal MACs); our DGConv search
 at each budget, from scratch and from the trained dense model (``search_from_dense``: more
 epochs in all, its rows say how many); the self-grouping pass on the trained dense model
-at each budget, fine-tuned; and the pipeline
+at each budget, fine-tuned; channel pruning of the same dense model to each budget, ours
+(``channels``) and Torch-Pruning's (``torch_pruning``: L1; ``torch_pruning_gn``: group-norm
+importance; installed by ``make bench-speed``), fine-tuned as self-grouping is; and the pipeline
 (search at twice the budget, then self-grouping down to it) on one budget.
 
 Each (method, budget, seed) cell is trained once and written to its own JSON
 file, so an interrupted benchmark resumes without rerunning finished cells, and
-seeds make every cell repeatable. Channel pruning with Torch-Pruning is not
-included (it is not a dependency of the package); a row says so.
+seeds make every cell repeatable.
 """
 
 from __future__ import annotations
@@ -41,7 +42,10 @@ from nas_grouping.report import write_json
 
 __all__ = ["QualityConfig", "run_quality", "uniform_groups_for_budget"]
 
-METHODS = ("dense", "uniform", "search", "search_from_dense", "self_grouping", "pipeline")
+METHODS = ("dense", "uniform", "search", "search_from_dense", "self_grouping", "pipeline", "channels",
+           "torch_pruning", "torch_pruning_gn")
+#: methods that prune this seed's trained dense model to the budget, then fine-tune it as self-grouping does
+PRUNE_AND_FINETUNE = ("channels", "torch_pruning", "torch_pruning_gn")
 #: the methods run unless told: all but search_from_dense, which trains more epochs in all
 DEFAULT_METHODS = ("dense", "uniform", "search", "self_grouping", "pipeline")
 
@@ -150,13 +154,48 @@ class _Bench:
     def self_group(self, model, budget: float | int, seed: int):
         from nas_grouping.self_grouping.grouping import SelfGrouping
 
-        settings = {"epochs": self.cfg.sg_epochs}
-        if self.cfg.protocol:
-            settings = merge_protocol(CompressConfig, {"protocol": self.cfg.protocol}).get("grouping", {})
-        sg = SelfGrouping(SelfGroupingConfig(**{**settings, "budget": budget, "seed": seed, "progress": False}))
+        sg = SelfGrouping(self.grouping_settings(budget, seed))
         with contextlib.redirect_stdout(io.StringIO()):
             result = sg.run(model, self.ds, batch_size=self.cfg.data.batch_size)
         return result.model, result.val_acc("global") or result.val_acc("pruned")
+
+    def grouping_settings(self, budget: float | int, seed: int) -> SelfGroupingConfig:
+        """The self-grouping pass's settings at ``budget``: its fine-tuning is every pruning method's."""
+        settings = {"epochs": self.cfg.sg_epochs}
+        if self.cfg.protocol:
+            settings = merge_protocol(CompressConfig, {"protocol": self.cfg.protocol}).get("grouping", {})
+        return SelfGroupingConfig(**{**settings, "budget": budget, "seed": seed, "progress": False})
+
+    def prune_and_finetune(self, method: str, dense: torch.nn.Module, budget: float, seed: int
+                           ) -> tuple[torch.nn.Module, float, dict[str, Any]]:
+        """This seed's dense model channel-pruned to ``budget`` of its MACs (ours, or Torch-Pruning's with L1 or
+        group-norm importance), then fine-tuned with the self-grouping pass's epochs and schedule."""
+        from nas_grouping.channels.pruning import ChannelPruning
+        from nas_grouping.runtime import setup_runtime
+        from nas_grouping.training import epoch_loader, evaluate, make_lr_scheduler, seed_everything, train_epoch
+
+        budget_macs = int(budget * count_macs(dense, self.size))
+        if method == "channels":
+            model, ratio = ChannelPruning(dense, self.size).prune_to_budget(budget_macs)
+        else:
+            from nas_grouping.bench.speed import torch_pruning_prune
+
+            model, ratio = torch_pruning_prune(dense, self.size, budget_macs,
+                                               importance="l1" if method == "torch_pruning" else "group_norm")
+        g = self.grouping_settings(budget, seed)
+        seed_everything(seed)
+        rt = setup_runtime("auto", "32", False, False)
+        model = model.to(rt.device).train()
+        opt = torch.optim.SGD(model.parameters(), lr=g.lr, momentum=g.momentum, weight_decay=g.weight_decay,
+                              nesterov=g.momentum > 0)
+        scheduler, _ = make_lr_scheduler(opt, "cosine", epochs=g.epochs, steps_per_epoch=1)
+        for epoch in range(g.epochs):
+            loader = epoch_loader(self.ds.train, rt, batch_size=self.cfg.data.batch_size, train=True, seed=seed,
+                                  epoch=epoch)
+            train_epoch(model, loader, rt, weight_optimizer=opt, label_smoothing=g.label_smoothing)
+            scheduler.step()
+        acc = evaluate(model, epoch_loader(self.ds.val, rt, batch_size=256, train=False, seed=0, epoch=0), rt)["acc"]
+        return model.cpu().eval(), acc, {"pruning_ratio": ratio, "finetune_epochs": g.epochs}
 
     def cell(self, method: str, budget: float | None, seed: int) -> dict[str, Any]:
         key = f"{method}-{'dense' if budget is None else budget}-{seed}"
@@ -192,6 +231,14 @@ class _Bench:
             r = self.run_search(key, seed, budget=budget, init_from=str(dense_run), **settings)
             model, acc = r.model, r.summary["val_acc"]
             row["epochs_total"] = r.summary["epochs"] + json.loads((dense_run / "summary.json").read_text())["epochs"]
+        elif method in PRUNE_AND_FINETUNE:
+            from nas_grouping.export.model import load_model
+
+            self.cell("dense", None, seed)
+            dense_run = self.out / "runs" / f"dense-dense-{seed}"
+            model, acc, info = self.prune_and_finetune(method, load_model(dense_run / "model"), budget, seed)
+            row.update(info, epochs_total=info["finetune_epochs"] + json.loads(
+                (dense_run / "summary.json").read_text())["epochs"])
         elif method == "self_grouping":
             from nas_grouping.export.model import load_model
 
@@ -243,8 +290,7 @@ def run_quality(cfg: QualityConfig) -> pd.DataFrame:
         table["macs_fraction"] = table["macs_mean"] / dense_macs
     table.to_csv(bench.out / "table.csv", index=False)
     skipped = cells[cells["status"] != "ok"][["method", "budget", "seed", "status"]].to_dict("records")
-    write_json(bench.out / "summary.json", {"table": table.to_dict("records"), "skipped": skipped,
-                                            "torch_pruning": "not run: not a dependency of the package"})
+    write_json(bench.out / "summary.json", {"table": table.to_dict("records"), "skipped": skipped})
     _plot(table, bench.out / "quality.png")
     return table
 

@@ -112,11 +112,14 @@ def _torch_pruning():
     return torch_pruning
 
 
-def torch_pruning_prune(dense: torch.nn.Module, input_size: tuple[int, ...], budget_macs: int
-                        ) -> tuple[torch.nn.Module, float]:
-    """Torch-Pruning's L1-magnitude channel pruning of ``dense`` at the largest uniform ratio within
-    ``budget_macs`` (bisection on the ratio); the classifier is kept. Returns the model and the ratio."""
+def torch_pruning_prune(dense: torch.nn.Module, input_size: tuple[int, ...], budget_macs: int,
+                        importance: str = "l1") -> tuple[torch.nn.Module, float]:
+    """Torch-Pruning's channel pruning of ``dense`` (``importance``: l1 magnitude, or group_norm, DepGraph's) at
+    the largest uniform ratio within ``budget_macs`` (bisection on the ratio); the classifier is kept. Returns the
+    model and the ratio."""
     tp = _torch_pruning()
+    if importance not in ("l1", "group_norm"):
+        raise ConfigError(f"Torch-Pruning importance must be l1 or group_norm, got {importance!r}")
     example = torch.randn(1, *input_size)
     classifier = [m for m in dense.modules() if isinstance(m, torch.nn.Linear)][-1:]
 
@@ -124,8 +127,9 @@ def torch_pruning_prune(dense: torch.nn.Module, input_size: tuple[int, ...], bud
         model = copy.deepcopy(dense).eval()
         names = {id(m): n for n, m in dense.named_modules()}
         ignored = [model.get_submodule(names[id(m)]) for m in classifier]
-        pruner = tp.pruner.MetaPruner(model, example, importance=tp.importance.MagnitudeImportance(p=1),
-                                      pruning_ratio=ratio, ignored_layers=ignored)
+        group_norm = getattr(tp.importance, "GroupMagnitudeImportance", None) or tp.importance.GroupNormImportance
+        scorer = tp.importance.MagnitudeImportance(p=1) if importance == "l1" else group_norm(p=2)
+        pruner = tp.pruner.MetaPruner(model, example, importance=scorer, pruning_ratio=ratio, ignored_layers=ignored)
         pruner.step()
         return model
 
