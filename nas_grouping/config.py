@@ -303,7 +303,8 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls: type, *, prefix: 
             add_config_arguments(parser, typ, prefix=f"{f.name}.")
             continue
         dest = prefix + f.name
-        kwargs: dict[str, Any] = {"dest": dest, "default": argparse.SUPPRESS, "help": f.metadata.get("help", docs.get(f.name, ""))}
+        kwargs: dict[str, Any] = {"dest": dest, "default": argparse.SUPPRESS,
+                                  "help": f.metadata.get("help", docs.get(f.name, ""))}
         if typ is bool or typ == "bool":
             kwargs.update(type=_parse_bool, nargs="?", const=True, metavar="BOOL")
         elif f.name == "budget":

@@ -5,9 +5,10 @@ its ``model/`` is used), or from a torchvision model name / registered space nam
 state dict. The run folder holds ``config.json``, ``checkpoint.pt`` (resumable),
 ``history.csv``, ``layers.csv`` (per layer: clusters, group sizes, kept connections,
 MACs before/after the pass, or why it was skipped), ``channels.json`` (with ``--channels``:
-the share of coupled channels removed before the pass, and how ``auto`` found it), ``latency_layers.csv/json/png`` (per layer: input vs
-compressed latency at each batch, the latency table's prediction), ``summary.json`` (accuracy before, after
-pruning and after fine-tuning; MACs; CPU latency of both models) and ``model/``, the
+the share of coupled channels removed before the pass, and how ``auto`` found it),
+``latency_layers.csv/json/png`` (per layer: input vs compressed latency at each batch, the
+latency table's prediction), ``summary.json`` (accuracy before, after pruning and after
+fine-tuning; MACs; CPU latency of both models) and ``model/``, the
 compressed model, loadable with ``load_model``.
 
 Search then compress is two calls: ``nas-grouping search --out runs/s`` then

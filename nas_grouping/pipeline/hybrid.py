@@ -50,8 +50,8 @@ from nas_grouping.search.loop import project_to_budget, project_to_measured_late
 
 _log = logging.getLogger(__name__)
 
-__all__ = ["HybridCompression", "HybridResult", "HybridConfig", "run_hybrid", "format_hybrid_summary", "gates_all_on", "project_gates", "gate_batches",
-           "project_gates_to_latency", "export_fastest"]
+__all__ = ["HybridCompression", "HybridResult", "HybridConfig", "run_hybrid", "format_hybrid_summary", "gates_all_on",
+           "project_gates", "gate_batches", "project_gates_to_latency", "export_fastest"]
 
 
 def gates_all_on(searchable: nn.Module) -> nn.Module:

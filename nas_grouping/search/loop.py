@@ -282,7 +282,8 @@ def project_to_measured_latency(model: nn.Module, cost: ModelCost, budget_macs: 
             if target is None or cost.current_macs() > budget_macs:
                 raise  # the MAC budget needs more latency than this target
             stuck = True  # the MAC budget holds; the table has nothing faster: measure what it reached
-        return {"predicted_ms": latency.current_ms(), "measured_ms": rt.on_main(lambda: measure(net), "measuring the projected model"), "stuck": stuck,
+        measured = rt.on_main(lambda: measure(net), "measuring the projected model")
+        return {"predicted_ms": latency.current_ms(), "measured_ms": measured, "stuck": stuck,
                 "_reached": latency.current_ms(), "_state": snapshot()}
 
     best, tried = meet_measured_budget(try_target, budget_ms, table_dense_ms=latency.dense_ms,
@@ -294,8 +295,8 @@ def project_to_measured_latency(model: nn.Module, cost: ModelCost, budget_macs: 
                for name, layer in named for j, (a, b) in enumerate(zip(*(x.tolist() for x in signs[name])))
                if a != b]
     return {"changes": changes, "budget_ms": budget_ms, "reference_ms": reference_ms,
-            "table_dense_ms": latency.dense_ms, "met": best["met"], "measured_ms": best["measured_ms"], "predicted_ms": best["predicted_ms"],
-            "table_target_ms": best["table_target_ms"], "tries": tried}
+            "table_dense_ms": latency.dense_ms, "met": best["met"], "measured_ms": best["measured_ms"],
+            "predicted_ms": best["predicted_ms"], "table_target_ms": best["table_target_ms"], "tries": tried}
 
 
 def _project(base: nn.Module, cost: ModelCost, budget_macs: int, train_set, cfg: SearchConfig, rt: Runtime,
