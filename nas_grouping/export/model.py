@@ -172,6 +172,12 @@ def save_model(model: nn.Module, path: str | os.PathLike, *, recipe: dict[str, A
     return folder
 
 
+def model_folder(path: str | os.PathLike) -> Path:
+    """The saved model a path names: the folder itself, or the ``model/`` of a run folder that holds one."""
+    folder = Path(path)
+    return folder / "model" if (folder / "model" / "architecture.json").is_file() else folder
+
+
 def read_architecture(path: str | os.PathLike) -> dict[str, Any]:
     """The architecture JSON of a saved model folder, validated."""
     file = Path(path) / "architecture.json"

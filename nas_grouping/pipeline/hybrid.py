@@ -25,7 +25,6 @@ from __future__ import annotations
 import copy
 import logging
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Sequence
 
 import torch
@@ -36,7 +35,7 @@ from nas_grouping.channels.pruning import ChannelPruning
 from nas_grouping.config import setting
 from nas_grouping.convert import convert_to_dgconv, dgconv_layers
 from nas_grouping.errors import ConfigError, RunExistsError
-from nas_grouping.export.model import export_model, load_model, save_model
+from nas_grouping.export.model import export_model, load_model, model_folder, save_model
 from nas_grouping.export.records import RECIPE_ATTR
 from nas_grouping.files import check_run_folder, claim_run_folder
 from nas_grouping.graph.fold import count_gathers
@@ -275,8 +274,7 @@ def run_hybrid(cfg: HybridConfig) -> HybridResult:
     out = check_run_folder(cfg.out, "hybrid")
     if (out / "summary.json").is_file():
         raise RunExistsError(f"--out {out} already holds a finished hybrid run: choose another --out")
-    folder = Path(cfg.model)
-    folder = folder / "model" if (folder / "model" / "architecture.json").is_file() else folder
+    folder = model_folder(cfg.model)
     model = load_model(folder)
     recipe = getattr(model, RECIPE_ATTR, None) or {}
     if cfg.input_size is not None:

@@ -30,7 +30,7 @@ from nas_grouping.config import SearchConfig, check_same_settings, config_from_d
 from nas_grouping.convert import arch_parameters, dgconv_layers, weight_parameters
 from nas_grouping.data import load_datasets, split_dataset
 from nas_grouping.errors import BudgetError, ConfigError, RunExistsError
-from nas_grouping.export.model import export_model, load_model, save_model
+from nas_grouping.export.model import export_model, load_model, model_folder, save_model
 from nas_grouping.files import check_run_folder, claim_run_folder
 from nas_grouping.macs import count_macs, count_parameters
 from nas_grouping.runtime import Runtime, setup_runtime, unwrap
@@ -640,9 +640,7 @@ def _budget_share(cfg: SearchConfig, epoch: int) -> float:
 
 def _init_weights(base: nn.Module, source: str) -> None:
     """Load a trained model's weights into the search space (every weight of it; the gates keep their start)."""
-    folder = Path(source)
-    folder = folder / "model" if (folder / "model" / "architecture.json").is_file() else folder
-    trained = load_model(folder).state_dict()
+    trained = load_model(model_folder(source)).state_dict()
     wanted = {k: v for k, v in base.state_dict().items() if not k.endswith("gate_latent")}
     missing = sorted(k for k in wanted if k not in trained)
     misfit = sorted(k for k in wanted if k in trained and trained[k].shape != wanted[k].shape)
