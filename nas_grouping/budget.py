@@ -163,14 +163,14 @@ def groups_at_budget(model: nn.Module, input_size: Sequence[int], budget: float 
 
     The hand-set baseline at equal MACs: every layer takes G, the largest power of two whose
     uniform model still costs more than the budget, and a subset of layers takes 2G, chosen
-    (exactly, by stage) so that the MACs land as close under the budget as the doubling steps
+    (exactly, over classes of layers that save equal MACs) so that the MACs land as close under the budget as the doubling steps
     allow. Sets the groups on ``model`` and returns them. Raises BudgetError when even the
     largest group counts do not fit.
     """
     cost = ModelCost(model, input_size)
     target = MacBudget.parse(budget).resolve(cost.dense_macs)
     cost.check_budget(target)
-    layers = [(name, layer, size) for name, layer, size in cost.layers]
+    layers = cost.layers
 
     def set_uniform(g: int) -> None:
         for _, layer, _ in layers:
