@@ -11,7 +11,7 @@ STAMP := $(VENV)/.installed
 $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -c constraints.txt -e ".[nni,test]"
+	$(BIN)/pip install -q -c constraints.txt -e ".[nni,deploy,test]"
 	touch $(STAMP)
 
 run: $(STAMP)
