@@ -187,6 +187,13 @@ def _cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_export(args: argparse.Namespace) -> int:
+    from nas_grouping.export.deploy import DeployConfig, format_deploy_report, run_deploy
+
+    print(format_deploy_report(run_deploy(config_from_args(DeployConfig, args))))
+    return 0
+
+
 def _cmd_hybrid(args: argparse.Namespace) -> int:
     from nas_grouping.pipeline.hybrid import HybridConfig, format_hybrid_summary, run_hybrid
     from nas_grouping.report import read_json
@@ -258,6 +265,15 @@ def build_parser() -> argparse.ArgumentParser:
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add_config_arguments(p, HybridConfig)
     p.set_defaults(func=_cmd_hybrid)
+
+    from nas_grouping.export.deploy import DeployConfig
+
+    export_help = ("write a saved model as a deployable file of standard ops (ONNX, torch.export .pt2 or "
+                   "TorchScript), loaded back and checked against the model")
+    p = sub.add_parser("export", help=export_help, description=export_help,
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_config_arguments(p, DeployConfig)
+    p.set_defaults(func=_cmd_export)
 
     p = sub.add_parser("spaces", help="list the registered search spaces")
     p.add_argument("--macs", action="store_true", help="also count each space's dense MACs")

@@ -24,7 +24,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from nas_grouping.errors import ConfigError, is_out_of_memory
 
 __all__ = ["FUNCTIONAL", "LayerMacs", "layer_macs", "count_macs", "count_parameters", "flop_counter_macs",
-           "check_input_size"]
+           "check_input_size", "parse_input_size"]
 
 
 @dataclass(frozen=True)
@@ -40,9 +40,30 @@ class LayerMacs:
     output_size: tuple[int, ...]
     macs: int
     params: int
+    #: what the layer's chosen form really multiplies (a dense form of a grouped layer: the dense count)
+    executed_macs: int = -1
+
+    def __post_init__(self) -> None:
+        if self.executed_macs < 0:
+            object.__setattr__(self, "executed_macs", self.macs)
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def parse_input_size(value: Any) -> tuple[int, int, int] | None:
+    """One sample's shape (C, H, W) from "3,32,32", "3x32x32" or a sequence; None stays None."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        try:
+            value = [int(v) for v in value.replace("x", ",").split(",")]
+        except ValueError:
+            raise ConfigError(f"input_size: expected C,H,W such as 3,32,32, got {value!r}") from None
+    size = check_input_size(value)
+    if len(size) != 3:
+        raise ConfigError(f"input_size: expected three positive sizes C,H,W, got {value!r}")
+    return size  # type: ignore[return-value]
 
 
 def check_input_size(input_size: Sequence[int]) -> tuple[int, ...]:
@@ -150,8 +171,13 @@ class _Uncounted(TorchDispatchMode):
         return out
 
 
-def layer_macs(model: nn.Module, input_size: Sequence[int]) -> list[LayerMacs]:
+def layer_macs(model: nn.Module, input_size: Sequence[int], *, batch: int = 1) -> list[LayerMacs]:
     """Per-layer MACs and parameters of ``model`` for one sample of ``input_size`` (C, H, W).
+
+    ``macs`` is the structural count (the connections the layer keeps); ``executed_macs``
+    what the form the layer runs multiplies, zeros included (a grouped layer shipped in
+    its dense form executes the dense count; a layer that picks its form per call, the form
+    a call of ``batch`` samples picks).
 
     Runs one forward pass on a zero batch of one sample in eval mode (the
     model's train/eval flags are restored afterwards). Matrix products done outside
@@ -211,8 +237,11 @@ def layer_macs(model: nn.Module, input_size: Sequence[int]) -> list[LayerMacs]:
         out_size = tuple(out.shape[1:-1]) if hasattr(mod, "in_features") else tuple(out.shape[2:])
         own = getattr(mod, "macs", None)
         macs = int(own(out_size)) if callable(own) else _standard_macs(mod, inp, out)
+        run = getattr(mod, "executed_macs", None)
+        executed = int(run(out_size, batch=batch)) if callable(run) else macs
         in_c, out_c, kernel, groups = _describe(mod)
-        rows.append(LayerMacs(name, type(mod).__name__, in_c, out_c, kernel, groups, out_size, macs, _params(mod)))
+        rows.append(LayerMacs(name, type(mod).__name__, in_c, out_c, kernel, groups, out_size, macs, _params(mod),
+                              executed))
     if uncounted.unknown:
         raise ConfigError(f"counting MACs: {type(model).__name__} runs {', '.join(sorted(uncounted.unknown))} outside "
                           "conv/linear modules, whose cost the counter does not know; refusing to report a count "
@@ -222,9 +251,16 @@ def layer_macs(model: nn.Module, input_size: Sequence[int]) -> list[LayerMacs]:
     return rows
 
 
-def count_macs(model: nn.Module, input_size: Sequence[int]) -> int:
-    """Total MACs per sample (conv and linear layers; DGConv2d at its current gates)."""
-    return sum(r.macs for r in layer_macs(model, input_size))
+def count_macs(model: nn.Module, input_size: Sequence[int], *, executed: bool = False, batch: int = 1) -> int:
+    """Total MACs per sample (conv and linear layers; DGConv2d at its current gates).
+
+    Structural by default: the multiply-accumulates the kept connections need. With
+    ``executed``, what the model's layers really compute in their chosen forms (for a
+    batch of ``batch`` where a layer picks its form per call): the number to compare
+    with measured speed.
+    """
+    rows = layer_macs(model, input_size, batch=batch)
+    return sum(r.executed_macs if executed else r.macs for r in rows)
 
 
 def count_parameters(model: nn.Module) -> int:

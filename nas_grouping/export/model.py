@@ -27,10 +27,11 @@ import torch
 from torch import nn
 
 from nas_grouping.convert import dgconv_layers, set_submodule
-from nas_grouping.errors import ExportError, is_out_of_memory
+from nas_grouping.errors import ConfigError, ExportError, is_out_of_memory
 from nas_grouping.export.records import (LAYOUT_ATTR, RECIPE_ATTR, architecture_records, base_model, exportable,
                                          register_exportable, set_widths)
 from nas_grouping.files import atomic_write
+from nas_grouping.macs import check_input_size
 from nas_grouping.ops.dgconv import DGConv2d
 from nas_grouping.ops.group_conv import PermutedGroupConv2d, conv_config, conv_from_config
 
@@ -176,6 +177,27 @@ def model_folder(path: str | os.PathLike) -> Path:
     """The saved model a path names: the folder itself, or the ``model/`` of a run folder that holds one."""
     folder = Path(path)
     return folder / "model" if (folder / "model" / "architecture.json").is_file() else folder
+
+
+def saved_input_size(model: nn.Module, given: Any = None, *, folder: str | os.PathLike | None = None
+                     ) -> tuple[int, ...]:
+    """The sample shape to run a loaded model on: ``given``; else the one its job saved beside it
+    (``folder``'s architecture.json); else its search space's own input size."""
+    if given is not None:
+        return check_input_size(given)
+    if folder is not None:
+        saved = read_architecture(folder).get("extra", {}).get("input_size")
+        if saved is not None:
+            return check_input_size(saved)
+    recipe = getattr(model, RECIPE_ATTR, None) or {}
+    if "space" not in recipe:
+        raise ConfigError(f"{folder or 'the model'} records no input size and names no search space: give "
+                          "--input-size C,H,W")
+    from search_spaces import default_input_size
+
+    size = default_input_size(recipe["space"])
+    in_channels = recipe.get("kwargs", {}).get("in_channels")
+    return (in_channels or size[0], *size[1:])
 
 
 def read_architecture(path: str | os.PathLike) -> dict[str, Any]:

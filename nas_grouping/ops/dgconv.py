@@ -268,6 +268,11 @@ class DGConv2d(nn.Conv2d):
         kh, kw = self.kernel_size
         return self.connections() * kh * kw * output_size[0] * output_size[1]
 
+    def executed_macs(self, output_size: tuple[int, int], batch: int = 1) -> int:
+        """What the masked dense convolution really multiplies per sample (all connections)."""
+        kh, kw = self.kernel_size
+        return self.out_channels * (self.in_channels // self.groups) * kh * kw * output_size[0] * output_size[1]
+
     def expected_macs(self, output_size: tuple[int, int]) -> Tensor:
         """Differentiable MACs per sample: positions x taps x r_out r_in 2^K prod(1 + g_k).
 

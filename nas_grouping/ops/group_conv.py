@@ -163,6 +163,12 @@ class PermutedGroupConv2d(nn.Module):
             positions *= s
         return c.out_channels * (c.in_channels // c.groups) * c.kernel_size[0] * c.kernel_size[1] * positions
 
+    def executed_macs(self, output_size: tuple[int, ...], form: str | None = None, batch: int = 1) -> int:
+        """Multiply-accumulates per sample that ``form`` (default: this layer's) really executes."""
+        if (form or self.form) == "grouped":
+            return self.macs(output_size)
+        return self.macs(output_size) * self.conv.groups
+
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.conv.parameters())
 

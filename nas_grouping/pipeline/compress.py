@@ -585,7 +585,8 @@ def _write_run(run: _CompressRun, result: SelfGroupingResult, measured: _Measure
         write_layer_latency(measured.per_layer, out)
     recipe = getattr(run.original, RECIPE_ATTR, None)
     save_model(measured.model, out / "model", recipe=recipe, extra={
-        k: summary[k] for k in ("val_acc_after", "macs_before", "macs_after", "budget_macs", "dataset", "source")})
+        **{k: summary[k] for k in ("val_acc_after", "macs_before", "macs_after", "budget_macs", "dataset", "source")},
+        "input_size": list(run.input_size)})
     summary["reload_max_abs_diff"] = _reload_diff(out / "model", measured.model, run.input_size)
     write_json(out / "summary.json", summary)
     logger.info(format_summary(summary))

@@ -35,14 +35,14 @@ from nas_grouping.channels.pruning import ChannelPruning
 from nas_grouping.config import setting
 from nas_grouping.convert import convert_to_dgconv, dgconv_layers
 from nas_grouping.errors import ConfigError, RunExistsError
-from nas_grouping.export.model import export_model, load_model, model_folder, save_model
 from nas_grouping.export.records import RECIPE_ATTR
+from nas_grouping.export.model import export_model, load_model, model_folder, save_model, saved_input_size
 from nas_grouping.files import check_run_folder, claim_run_folder
 from nas_grouping.graph.fold import count_gathers
 from nas_grouping.latency.measure import (LatencyCost, MeasuredLatency, choose_fastest_forms, fastest_layouts,
                                           profile_layers)
 from nas_grouping.latency.timer import enough_repeats
-from nas_grouping.macs import check_input_size, count_macs, count_parameters
+from nas_grouping.macs import check_input_size, count_macs, count_parameters, parse_input_size
 from nas_grouping.report import write_json
 from nas_grouping.runtime import Runtime
 from nas_grouping.search.loop import project_to_budget, project_to_measured_latency
@@ -252,13 +252,8 @@ class HybridConfig:
         parse_latency_budget(self.latency_budget, 1.0)  # the form; resolved against the measured model
         if self.budget is not None:
             MacBudget.parse(self.budget)
-        if isinstance(self.input_size, str):
-            try:
-                self.input_size = [int(v) for v in self.input_size.replace("x", ",").split(",")]
-            except ValueError:
-                raise ConfigError(f"input_size: expected C,H,W such as 3,32,32, got {self.input_size!r}") from None
-        if self.input_size is not None and (len(self.input_size) != 3 or min(self.input_size) < 1):
-            raise ConfigError(f"input_size: expected three positive sizes C,H,W, got {self.input_size!r}")
+        size = parse_input_size(self.input_size)
+        self.input_size = None if size is None else list(size)
         for name in ("batch", "round_to", "repeats"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -276,17 +271,7 @@ def run_hybrid(cfg: HybridConfig) -> HybridResult:
         raise RunExistsError(f"--out {out} already holds a finished hybrid run: choose another --out")
     folder = model_folder(cfg.model)
     model = load_model(folder)
-    recipe = getattr(model, RECIPE_ATTR, None) or {}
-    if cfg.input_size is not None:
-        size = tuple(cfg.input_size)
-    elif "space" in recipe:
-        from search_spaces import default_input_size
-
-        size = default_input_size(recipe["space"])
-        in_channels = recipe.get("kwargs", {}).get("in_channels")
-        size = (in_channels or size[0], *size[1:])
-    else:
-        raise ConfigError(f"{folder} names no search space: give --input-size C,H,W")
+    size = saved_input_size(model, cfg.input_size, folder=folder)
     claim_run_folder(out, "hybrid")
     _log.info("hybrid: %s at batch %d, input %s: latency budget %s, MAC budget %s", folder, cfg.batch, size,
               cfg.latency_budget, cfg.budget if cfg.budget is not None else "the latency share")
@@ -295,16 +280,19 @@ def run_hybrid(cfg: HybridConfig) -> HybridResult:
     result = hybrid.run(latency_budget=cfg.latency_budget, budget=cfg.budget)
     dense_macs = count_macs(hybrid.dense, size)
     macs = count_macs(result.model, size)
+    executed = count_macs(result.model, size, executed=True, batch=cfg.batch)
     final = fastest_layouts({"dense": hybrid.dense, "hybrid": result.model}, size, batch=cfg.batch,
                             repeats=enough_repeats(hybrid.dense_ms, cfg.repeats), warmup=2)
     summary = {"job": "hybrid", "source": str(folder), "input_size": list(size), "batch": cfg.batch,
                "choice": result.choice, "dense_macs": dense_macs, "macs": macs, "macs_fraction": macs / dense_macs,
+               "executed_macs": executed,
                "parameters": count_parameters(result.model), "dense_parameters": count_parameters(hybrid.dense),
                "dense_ms": final["dense"][1], "ms": final["hybrid"][1], "layout": final["hybrid"][0],
                "speedup": final["dense"][1] / final["hybrid"][1], "latency_budget_ms": result.info["budget_ms"],
                "latency_budget_met": bool(result.info["met"]), "fine_tuned": False,
                "info": {k: v for k, v in result.info.items() if isinstance(v, (int, float, str, bool, list))}}
-    save_model(result.model, out / "model", recipe=recipe or None, extra={"macs": macs, "job": "hybrid"})
+    save_model(result.model, out / "model", recipe=getattr(model, RECIPE_ATTR, None),
+               extra={"macs": macs, "job": "hybrid", "input_size": list(size)})
     write_json(out / "summary.json", summary)
     return result
 

@@ -749,8 +749,9 @@ def _write_run(run: _SearchRun, exported: nn.Module, summary: dict[str, Any], pe
             from nas_grouping.latency.layers import write_layer_latency
 
             write_layer_latency(per_layer, run.out)
-        save_model(exported, run.out / "model", extra={k: summary[k] for k in ("val_acc", "macs", "dense_macs",
-                                                                                  "budget_macs", "space", "dataset")})
+        save_model(exported, run.out / "model", extra={
+            **{k: summary[k] for k in ("val_acc", "macs", "dense_macs", "budget_macs", "space", "dataset")},
+            "input_size": list(run.input_size)})
         logger.info(report.format_summary(summary))
     run.rt.barrier()
 
