@@ -379,6 +379,9 @@ def main(argv: Sequence[str] | None = None) -> int:
               "model, or a machine with more memory; a run keeps its last checkpoint (resume with --resume)",
               file=sys.stderr)
         return 3
+    except BrokenPipeError:  # the reader left (| head): not an error of the job
+        sys.stderr.close()
+        return 141
     except KeyboardInterrupt:
         print(f"nas-grouping {args.command}: interrupted; the last checkpoint is kept (resume with --resume)",
               file=sys.stderr)

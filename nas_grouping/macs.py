@@ -24,7 +24,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from nas_grouping.errors import ConfigError, is_out_of_memory
 
 __all__ = ["FUNCTIONAL", "LayerMacs", "layer_macs", "count_macs", "count_parameters", "flop_counter_macs",
-           "check_input_size", "parse_input_size"]
+           "check_input_size", "parse_input_size", "format_macs"]
 
 
 @dataclass(frozen=True)
@@ -261,6 +261,17 @@ def count_macs(model: nn.Module, input_size: Sequence[int], *, executed: bool = 
     """
     rows = layer_macs(model, input_size, batch=batch)
     return sum(r.executed_macs if executed else r.macs for r in rows)
+
+
+def format_macs(macs: int, executed: int | None, reference: int, *, of: str = "dense") -> str:
+    """"MACs per sample: structural S (p% of dense), executed E (q%)", the two always side by side.
+
+    ``executed`` is None for summaries written before it was recorded (then only S is shown, marked so).
+    """
+    text = f"MACs per sample: structural {macs:,} ({macs / reference:.1%} of {of} {reference:,})"
+    if executed is None:
+        return text + ", executed not recorded"
+    return text + f", executed {executed:,} ({executed / reference:.1%}) in the forms the model runs"
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -11,7 +11,7 @@ from torch import nn
 
 from nas_grouping.errors import ConfigError
 from nas_grouping.files import atomic_write
-from nas_grouping.macs import layer_macs
+from nas_grouping.macs import format_macs, layer_macs
 
 __all__ = ["write_json", "read_json", "layer_table", "write_search_report", "format_summary", "print_run"]
 
@@ -48,7 +48,8 @@ def layer_table(before: nn.Module, after: nn.Module, input_size: Sequence[int]) 
             "layer": r.name, "kind": r.kind, "in_channels": r.in_channels, "out_channels": r.out_channels,
             "kernel": "x".join(map(str, r.kernel_size)) or "-", "output_size": "x".join(map(str, r.output_size)) or "-",
             "groups": r.groups, "exported_kind": a.kind if a else None, "macs_dense": dense,
-            "macs_after": a.macs if a else r.macs, "params_after": a.params if a else r.params,
+            "macs_after": a.macs if a else r.macs, "executed_macs_after": a.executed_macs if a else r.macs,
+            "params_after": a.params if a else r.params,
         })
     df = pd.DataFrame(rows)
     df["macs_ratio"] = df["macs_after"] / df["macs_dense"]
@@ -104,7 +105,7 @@ def write_search_report(out: Path, searched: nn.Module, exported: nn.Module, inp
 def format_summary(summary: dict[str, Any]) -> str:
     lines = [
         f"validation accuracy {summary['val_acc']:.4f} (exported model)",
-        f"MACs {summary['macs']:,} per sample = {summary['macs_fraction']:.1%} of dense {summary['dense_macs']:,}"
+        format_macs(summary["macs"], summary.get("executed_macs"), summary["dense_macs"])
         + ("" if summary.get("dense") else
            f"; budget {summary['budget_macs']:,}: {'met' if summary['budget_met'] else 'NOT met'}"
            + (f" after {len(summary['projection_flips'])} projection change(s)" if summary.get("projected") else "")),
@@ -140,7 +141,8 @@ def print_run(run_dir: str | Path) -> str:
     text = [f"run {run}", format_summary(summary)]
     if (run / "layers.csv").is_file():
         df = pd.read_csv(run / "layers.csv")
-        cols = ["layer", "kind", "in_channels", "out_channels", "kernel", "groups", "macs_dense", "macs_after"]
+        cols = ["layer", "kind", "in_channels", "out_channels", "kernel", "groups", "macs_dense", "macs_after",
+                "executed_macs_after"]
         text.append(df[[c for c in cols if c in df]].to_string(index=False))
     if (run / "latency_layers.csv").is_file():
         text.append(_slowest_layers(pd.read_csv(run / "latency_layers.csv")))

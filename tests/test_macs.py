@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from nas_grouping import ConfigError, DGConv2d, convert_to_dgconv, count_macs, count_parameters, dgconv_layers
-from nas_grouping import export_model, layer_macs
+from nas_grouping import PermutedGroupConv2d, export_model, layer_macs
 from nas_grouping.macs import LayerMacs, check_input_size, flop_counter_macs
 
 pytestmark = pytest.mark.usefixtures("single_thread", "seeded")
@@ -309,3 +309,20 @@ def test_counting_leaves_no_hooks_and_no_grad():
 def test_flop_counter_on_double_model():
     model = DGNet().double()
     assert flop_counter_macs(model, (3, 16, 16)) == count_macs(model, (3, 16, 16))
+
+
+def test_executed_macs_count_what_the_chosen_form_computes():
+    from nas_grouping.macs import format_macs
+    from nas_grouping.ops.group_conv import conv_config
+
+    layer = PermutedGroupConv2d(conv_config(nn.Conv2d(16, 16, 3, padding=1, groups=4)), in_perm=list(range(16))[::-1],
+                                out_perm=None)
+    size = (16, 5, 5)
+    structural = count_macs(layer, size)
+    assert count_macs(layer, size, executed=True) == structural
+    layer.form = "dense"
+    assert count_macs(layer, size) == structural
+    assert count_macs(layer, size, executed=True) == 4 * structural
+    text = format_macs(structural, 4 * structural, 4 * structural)
+    assert "structural" in text and "executed" in text and "25.0%" in text and "100.0%" in text
+    assert "not recorded" in format_macs(structural, None, 4 * structural)

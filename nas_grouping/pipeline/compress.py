@@ -41,7 +41,7 @@ from nas_grouping.files import check_run_folder, claim_run_folder
 from nas_grouping.latency.layers import WHOLE, layer_latency, summary_from_layers, write_layer_latency
 from nas_grouping.latency.measure import (LAYOUTS, LatencyTable, MeasuredLatency, choose_fastest_forms,
                                           parse_latency_budget, sample_models)
-from nas_grouping.macs import count_macs, count_parameters, layer_macs
+from nas_grouping.macs import count_macs, count_parameters, format_macs, layer_macs
 from nas_grouping.report import read_json, write_json
 from nas_grouping.runtime import Runtime, setup_runtime
 from nas_grouping.self_grouping.grouping import GroupingPlan, LayerOutcome, SelfGrouping, SelfGroupingResult
@@ -164,9 +164,11 @@ def measure_latency(models: dict[str, nn.Module], input_size: Sequence[int], bat
     return rows
 
 
-def _layer_macs_by(model: nn.Module, input_size: Sequence[int], names: Sequence[str]) -> dict[str, int]:
+def _layer_macs_by(model: nn.Module, input_size: Sequence[int], names: Sequence[str], *,
+                   executed: bool = False) -> dict[str, int]:
     rows = layer_macs(model, input_size)
-    return {n: sum(r.macs for r in rows if not n or r.name == n or r.name.startswith(n + ".")) for n in names}
+    return {n: sum(r.executed_macs if executed else r.macs for r in rows
+                   if not n or r.name == n or r.name.startswith(n + ".")) for n in names}
 
 
 def layer_table(plan: GroupingPlan, outcomes: Sequence[LayerOutcome], before: nn.Module, after: nn.Module,
@@ -175,6 +177,7 @@ def layer_table(plan: GroupingPlan, outcomes: Sequence[LayerOutcome], before: nn
     names = [lp.name for lp in plan.layers]
     macs_before = _layer_macs_by(before, input_size, names)
     macs_after = _layer_macs_by(after, input_size, names)
+    executed_after = _layer_macs_by(after, input_size, names, executed=True)
     by_name = {o.name: o for o in outcomes}
     rows = []
     for lp in plan.layers:
@@ -192,6 +195,7 @@ def layer_table(plan: GroupingPlan, outcomes: Sequence[LayerOutcome], before: nn
             "target_fraction": lp.fraction,
             "pruned_fraction": (1 - o.kept / lp.connections) if o and lp.connections else None,
             "macs_before": macs_before[lp.name], "macs_after": macs_after[lp.name],
+            "executed_macs_after": executed_after[lp.name],
         })
     df = pd.DataFrame(rows)
     for column in ("clusters", "clusters_found", "groups", "connections_before", "kept_connections"):
@@ -208,7 +212,8 @@ def format_summary(s: dict[str, Any]) -> str:
     lines = [
         f"accuracy: before {acc(s['val_acc_before'])}, after pruning {acc(s['val_acc_pruned'])}, "
         f"after fine-tuning {acc(s['val_acc_after'])}",
-        f"MACs {s['macs_before']:,} -> {s['macs_after']:,} per sample ({s['mac_reduction']:.2f}x fewer)"
+        format_macs(s["macs_after"], s.get("executed_macs_after"), s["macs_before"], of="the input's")
+        + f" ({s['mac_reduction']:.2f}x fewer)"
         + (f"; budget {s['budget_macs']:,}: {'met' if s['budget_met'] else 'NOT met'}"
            if s.get("budget_macs") is not None else ""),
         f"parameters {s['params_before']:,} -> {s['params_after']:,}; {len(s['pruned_layers'])} layers pruned, "
@@ -556,6 +561,7 @@ def _summarize(run: _CompressRun, result: SelfGroupingResult, measured: _Measure
         "channel_pruning": channels, "val_acc_pruned": result.val_acc("pruned"),
         "val_acc_after": result.history[-1]["val_acc"],
         "macs_before": measured.macs_before, "macs_after": measured.macs_after,
+        "executed_macs_after": count_macs(measured.model, run.input_size, executed=True),
         "mac_reduction": measured.macs_before / max(measured.macs_after, 1),
         "macs_fraction": measured.macs_after / max(measured.macs_before, 1), "planned_macs_at_most": plan.macs_after,
         "budget_macs": plan.budget_macs, "global_fraction": plan.global_fraction,

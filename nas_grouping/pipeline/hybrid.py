@@ -42,7 +42,7 @@ from nas_grouping.graph.fold import count_gathers
 from nas_grouping.latency.measure import (LatencyCost, MeasuredLatency, choose_fastest_forms, fastest_layouts,
                                           profile_layers)
 from nas_grouping.latency.timer import enough_repeats
-from nas_grouping.macs import check_input_size, count_macs, count_parameters, parse_input_size
+from nas_grouping.macs import check_input_size, count_macs, count_parameters, format_macs, parse_input_size
 from nas_grouping.report import write_json
 from nas_grouping.runtime import Runtime
 from nas_grouping.search.loop import project_to_budget, project_to_measured_latency
@@ -302,7 +302,7 @@ def format_hybrid_summary(s: dict[str, Any]) -> str:
     met = "met" if s["latency_budget_met"] else "NOT met"
     return "\n".join([
         f"hybrid of {s['source']} at batch {s['batch']}: {s['choice']}",
-        f"  MACs {s['macs']:,} = {s['macs_fraction']:.1%} of dense {s['dense_macs']:,}; parameters "
+        f"  {format_macs(s['macs'], s.get('executed_macs'), s['dense_macs'])}; parameters "
         f"{s['parameters']:,} of {s['dense_parameters']:,}",
         f"  measured {s['ms']:.3f} ms vs dense {s['dense_ms']:.3f} ms side by side ({s['speedup']:.2f}x, "
         f"{s['layout']}); latency budget {s['latency_budget_ms']:.3f} ms {met}",
