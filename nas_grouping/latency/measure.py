@@ -89,16 +89,29 @@ def example_input(input_size: Sequence[int], batch: int, layout: str, like: nn.M
     return x.contiguous(memory_format=torch.channels_last) if layout == "channels_last" and x.dim() == 4 else x
 
 
+def as_deployed(model: nn.Module, input_size: Sequence[int], batch: int) -> nn.Module:
+    """What a user deploys: our inference layers as the standard modules of their forms (no per-call
+    Python work), so that timings are those of the exported model; search models (DGConv2d) stay as they are."""
+    from nas_grouping.export.deploy import deployable
+    from nas_grouping.ops.diverse_group import DiverseGroupConv2d, DiverseGroupLinear
+
+    kinds = {type(m) for m in model.modules()}
+    if DGConv2d in kinds or not kinds & {PermutedGroupConv2d, DiverseGroupConv2d, DiverseGroupLinear}:
+        return model
+    return deployable(model, input_size, batch=batch)
+
+
 def sample_models(models: dict[str, nn.Module], input_size: Sequence[int], *, batch: int = 1,
                   layouts: Sequence[str] = LAYOUTS, repeats: int = 10, warmup: int = 3
                   ) -> dict[tuple[str, str], list[float]]:
-    """Wall times (ms) of every model in every layout, keyed (name, layout); all take turns, so a noisy
-    neighbour slows them alike (``bench.timing.sample_ms``)."""
+    """Wall times (ms) of every model in every layout, keyed (name, layout), each as deployed
+    (:func:`as_deployed`); all take turns, so a noisy neighbour slows them alike (``timer.sample_ms``)."""
     size = check_input_size(input_size)
     fns = {}
     for name, model in models.items():
+        shipped = as_deployed(model, size, batch)
         for layout in layouts:
-            m = set_layout(copy.deepcopy(model).eval(), layout)  # outside inference mode: parameters stay normal
+            m = set_layout(copy.deepcopy(shipped).eval(), layout)  # outside inference mode: parameters stay normal
             fns[name, layout] = (lambda m=m, x=example_input(size, batch, layout, m): m(x))
     with torch.inference_mode():
         return sample_ms(fns, warmup=warmup, repeats=repeats)
