@@ -50,6 +50,24 @@ def test_quick_benchmark_writes_tables_and_resumes_without_rerunning_cells(tmp_p
     again = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "cells").glob("*.json")}
     assert {k for k in again if again[k] != stamps.get(k)} == {"search-0.5-1.json"}
     assert json.loads(removed.read_text())["val_acc"] == pytest.approx(before["val_acc"])  # seeded: repeatable
+    for cell in (json.loads(p.read_text()) for p in cells):
+        assert cell["executed_macs"] >= cell["macs"] > 0 and cell["params"] > 0
+        assert all(cell[f"speedup_b{b}"] > 0 and cell[f"dense_latency_ms_b{b}"] > 0 for b in (1, 32))
+    assert table["acc_change_points"].notna().all() and table["speedup_b32"].notna().all()
+
+
+def test_cells_written_before_the_cost_columns_get_them_from_their_kept_model(tmp_path):
+    cfg = QualityConfig(space_kwargs=SMALL, budgets=[0.5], epochs=3, sg_epochs=1, seeds=1, methods=["uniform"],
+                        out=str(tmp_path), progress=False, data=DataConfig(batch_size=128))
+    run_quality(cfg)
+    path = tmp_path / "cells" / "uniform-0.5-0.json"
+    old = {k: v for k, v in json.loads(path.read_text()).items()
+           if k not in ("executed_macs", "params", "speedup_b1", "speedup_b32", "latency_ms_b32",
+                        "dense_latency_ms_b1", "dense_latency_ms_b32")}
+    path.write_text(json.dumps(old))
+    run_quality(cfg)
+    cell = json.loads(path.read_text())
+    assert cell["costs_added_later"] and cell["speedup_b32"] > 0 and cell["val_acc"] == old["val_acc"]
 
 
 def test_search_cells_with_other_settings_are_kept_apart_and_can_start_from_the_dense_model(tmp_path, monkeypatch):
@@ -68,8 +86,8 @@ def test_search_cells_with_other_settings_are_kept_apart_and_can_start_from_the_
         return Fake()
 
     monkeypatch.setattr(quality._Bench, "run_search", fake_search)
-    monkeypatch.setattr(quality, "count_macs", lambda m, s: 5)
-    monkeypatch.setattr(quality, "_latency_ms", lambda m, s: 1.0)
+    monkeypatch.setattr(quality, "cost_fields", lambda model, dense, size: {"macs": 5})
+    monkeypatch.setattr(quality._Bench, "keep_model", lambda self, key, model: None)
     bench = quality._Bench(QualityConfig(space_kwargs=SMALL, out=str(tmp_path), search_settings={
         "budget_ramp": 0.5}))
     row = bench.cell("search_from_dense", 0.5, 0)

@@ -22,6 +22,7 @@ import contextlib
 import hashlib
 import io
 import json
+import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,12 +36,13 @@ from nas_grouping.config import (PROTOCOL_HELP, CompressConfig, SearchConfig, Se
                                  config_to_dict, setting)
 from nas_grouping.data import DataConfig, load_datasets
 from nas_grouping.errors import ConfigError
-from nas_grouping.latency.timer import median_ms
-from nas_grouping.macs import count_macs
+from nas_grouping.macs import count_macs, count_parameters
 from nas_grouping.protocols import apply_protocol_defaults, merge_protocol
 from nas_grouping.report import write_json
 
-__all__ = ["QualityConfig", "run_quality", "uniform_groups_for_budget"]
+__all__ = ["QualityConfig", "run_quality", "uniform_groups_for_budget", "cost_fields", "PUBLISHED"]
+
+logger = logging.getLogger(__name__)
 
 METHODS = ("dense", "uniform", "search", "search_from_dense", "self_grouping", "pipeline", "channels",
            "torch_pruning", "torch_pruning_gn")
@@ -112,12 +114,29 @@ def uniform_groups_for_budget(space: str, space_kwargs: dict, fraction: float, n
     return groups, ModelCost(model, input_size).current_macs()
 
 
-def _latency_ms(model: torch.nn.Module, input_size: tuple[int, ...]) -> float:
-    model = model.eval()
-    x = torch.randn(1, *input_size)
-    with torch.inference_mode():
-        nchw = median_ms({"m": lambda: model(x)}, warmup=3, repeats=15)["m"]
-    return nchw
+#: published CIFAR-10 results (original test pixels, long protocols): (label, MAC fraction, accuracy change
+#: against the paper's own dense model, in points)
+PUBLISHED = (
+    ("DepGraph ResNet-56 (published)", 1 / 2.13, +0.24),
+    ("HRank ResNet-56 (published)", 0.50, -0.09),
+    ("ResRep ResNet-56 (published)", 1 / 2.12, 0.00),
+)
+LATENCY_BATCHES = (1, 32)
+
+
+def cost_fields(model: torch.nn.Module, dense: torch.nn.Module, input_size: tuple[int, ...]) -> dict[str, Any]:
+    """Structural and executed MACs, parameters, and CPU latency at batch 1 and 32 measured side by side with
+    the dense architecture (both as deployed, each in its fastest layout; weights do not change the time)."""
+    from nas_grouping.latency.measure import fastest_layouts
+
+    row: dict[str, Any] = {"macs": count_macs(model, input_size),
+                           "executed_macs": count_macs(model, input_size, executed=True),
+                           "params": count_parameters(model)}
+    for b in LATENCY_BATCHES:
+        t = fastest_layouts({"dense": dense, "model": model}, input_size, batch=b, repeats=10, warmup=2)
+        row[f"latency_ms_b{b}"], row[f"dense_latency_ms_b{b}"] = t["model"][1], t["dense"][1]
+        row[f"speedup_b{b}"] = t["dense"][1] / t["model"][1]
+    return row
 
 
 class _Bench:
@@ -205,7 +224,7 @@ class _Bench:
             key += "-" + hashlib.sha1(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:8]
         path = self.cells / f"{key}.json"
         if path.is_file():
-            return json.loads(path.read_text())
+            return self.with_costs(key, path)
         start = time.perf_counter()
         row: dict[str, Any] = {"method": method, "budget": budget, "seed": seed, **({"settings": settings}
                                                                                    if settings else {})}
@@ -249,8 +268,46 @@ class _Bench:
             r = self.run_search(key, seed, budget=min(1.0, 2 * budget), **settings)
             target = int(budget * r.summary["dense_macs"])
             model, acc = self.self_group(r.model, target, seed)
-        row.update(status="ok", val_acc=float(acc), macs=count_macs(model, self.size),
-                   latency_ms_b1=_latency_ms(model, self.size), seconds=time.perf_counter() - start)
+        self.keep_model(key, model)
+        row.update(status="ok", val_acc=float(acc), **cost_fields(model, self.dense_architecture(), self.size),
+                   seconds=time.perf_counter() - start)
+        write_json(path, row)
+        return row
+
+    def dense_architecture(self) -> torch.nn.Module:
+        """The space's dense network (untrained: the latency reference)."""
+        if not hasattr(self, "_dense"):
+            from nas_grouping.export.model import export_model
+            from search_spaces import get_space
+
+            self._dense = export_model(get_space(self.cfg.space, num_classes=self.ds.num_classes,
+                                                 in_channels=self.size[0], **self.cfg.space_kwargs)).eval()
+        return self._dense
+
+    def model_folder(self, key: str) -> Path:
+        return self.out / "runs" / key / "model"
+
+    def keep_model(self, key: str, model: torch.nn.Module) -> None:
+        """Save a cell's final model beside its run (search cells already have it), for later measurements."""
+        from nas_grouping.export.model import save_model
+
+        folder = self.model_folder(key)
+        if not (folder / "architecture.json").is_file():
+            try:
+                save_model(model.cpu().eval(), folder)
+            except Exception as exc:  # a model no recipe rebuilds (Torch-Pruning's): the cell is still valid
+                logger.warning("cell %s: its model was not saved (%s); latency can only be measured now", key, exc)
+
+    def with_costs(self, key: str, path: Path) -> dict[str, Any]:
+        """A finished cell, with executed MACs and side-by-side latency added when it predates them and its model
+        was kept (older cells keep their batch-1 latency, measured alone)."""
+        row = json.loads(path.read_text())
+        if row.get("status") != "ok" or "speedup_b32" in row or not (self.model_folder(key) / "weights.pt").is_file():
+            return row
+        from nas_grouping.export.model import load_model
+
+        row.update(cost_fields(load_model(self.model_folder(key)), self.dense_architecture(), self.size),
+                   costs_added_later=True)
         write_json(path, row)
         return row
 
@@ -281,13 +338,20 @@ def run_quality(cfg: QualityConfig) -> pd.DataFrame:
     cells.to_csv(bench.out / "cells.csv", index=False)
     ok = cells[cells["status"] == "ok"].copy()
     ok["budget"] = ok["budget"].fillna(1.0)
+    for column in ("executed_macs", "params", *(f"speedup_b{b}" for b in LATENCY_BATCHES)):
+        if column not in ok:
+            ok[column] = float("nan")
     table = ok.groupby(["method", "budget"]).agg(
         acc_mean=("val_acc", "mean"), acc_std=("val_acc", "std"), seeds=("val_acc", "size"),
-        macs_mean=("macs", "mean"), latency_ms_b1=("latency_ms_b1", "median"),
+        macs_mean=("macs", "mean"), executed_macs_mean=("executed_macs", "mean"), params_mean=("params", "mean"),
+        speedup_b1=("speedup_b1", "median"), speedup_b32=("speedup_b32", "median"),
         accs=("val_acc", lambda v: " ".join(f"{a:.4f}" for a in v))).reset_index()
     dense_macs = float(ok[ok["method"] == "dense"]["macs"].mean()) if (ok["method"] == "dense").any() else None
     if dense_macs:
         table["macs_fraction"] = table["macs_mean"] / dense_macs
+        table["executed_fraction"] = table["executed_macs_mean"] / dense_macs
+        dense_acc = float(table[table["method"] == "dense"]["acc_mean"].iloc[0])
+        table["acc_change_points"] = 100 * (table["acc_mean"] - dense_acc)
     table.to_csv(bench.out / "table.csv", index=False)
     skipped = cells[cells["status"] != "ok"][["method", "budget", "seed", "status"]].to_dict("records")
     write_json(bench.out / "summary.json", {"table": table.to_dict("records"), "skipped": skipped})
@@ -296,21 +360,35 @@ def run_quality(cfg: QualityConfig) -> pd.DataFrame:
 
 
 def _plot(table: pd.DataFrame, path: Path) -> None:
+    """Accuracy change against dense vs MACs (with the published anchors) and vs measured speed-up (batch 1, 32)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for method, rows in table.groupby("method"):
-        rows = rows.sort_values("macs_mean")
-        ax.errorbar(rows["macs_mean"], rows["acc_mean"], yerr=rows["acc_std"].fillna(0), marker="o", capsize=3,
-                    label=method)
-    ax.set_xscale("log")
-    ax.set_xlabel("MACs per sample")
-    ax.set_ylabel("validation accuracy (mean ± std over seeds)")
-    ax.legend()
-    ax.grid(alpha=0.3)
+    if "acc_change_points" not in table:
+        return
+    panels = [("macs_fraction", "structural MACs / dense (log)"),
+              *((f"speedup_b{b}", f"measured CPU speed-up vs dense, batch {b}") for b in LATENCY_BATCHES)]
+    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.5))
+    for ax, (column, label) in zip(axes, panels):
+        for method, rows in table.groupby("method"):
+            rows = rows.dropna(subset=[column]).sort_values(column)
+            if len(rows):
+                ax.errorbar(rows[column], rows["acc_change_points"], yerr=100 * rows["acc_std"].fillna(0),
+                            marker="o", capsize=3, label=method)
+        if column == "macs_fraction":
+            ax.set_xscale("log")
+            for name, fraction, change in PUBLISHED:
+                ax.scatter([fraction], [change], marker="*", s=120, color="black")
+                ax.annotate(name, (fraction, change), fontsize=7, xytext=(4, 4), textcoords="offset points")
+        ax.axhline(0, color="grey", lw=0.8)
+        ax.set_xlabel(label)
+        ax.set_ylabel("accuracy change vs dense (points; mean ± std over seeds)")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.suptitle("ours: this benchmark's protocol and validation split; stars: published, original CIFAR-10 test set, "
+                 "long protocols", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
