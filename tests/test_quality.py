@@ -149,3 +149,30 @@ def test_pruning_cells_prune_the_dense_model_to_the_budget_and_fine_tune_it(tmp_
     tuned, untuned = model.state_dict(), pruned_only.state_dict()
     assert tuned.keys() == untuned.keys() and all(tuned[k].shape == untuned[k].shape for k in tuned)
     assert any(not torch.equal(tuned[k], untuned[k]) for k in tuned if k.endswith("weight"))
+
+
+def test_search_retrain_trains_the_searched_groups_from_scratch(tmp_path, monkeypatch):
+    from nas_grouping.bench import quality
+
+    calls = []
+    groups = {"a": 2, "b": 4}
+
+    class Fake:
+        model = torch.nn.Linear(2, 2)
+        summary = {"val_acc": 0.5, "epochs": 4, "dense_macs": 10, "groups": groups}
+
+    def fake_search(self, name, seed, **kw):
+        calls.append((name, kw))
+        (self.out / "runs" / name).mkdir(parents=True, exist_ok=True)
+        (self.out / "runs" / name / "summary.json").write_text(json.dumps(Fake.summary))
+        return Fake()
+
+    monkeypatch.setattr(quality._Bench, "run_search", fake_search)
+    monkeypatch.setattr(quality, "cost_fields", lambda model, dense, size: {"macs": 5})
+    monkeypatch.setattr(quality._Bench, "keep_model", lambda self, key, model: None)
+    bench = quality._Bench(QualityConfig(space_kwargs=SMALL, out=str(tmp_path)))
+    row = bench.cell("search_retrain", 0.25, 1)
+    (search_name, search_kw), (name, kw) = calls
+    assert search_name == "search-0.25-1" and search_kw == {"budget": 0.25}
+    assert name == "search_retrain-0.25-1" and kw == {"fixed_groups": groups}
+    assert row["groups"] == groups and row["epochs_total"] == 8

@@ -5,7 +5,9 @@ model), every method is trained with the same epochs and schedule over N seeds:
 dense; uniform group convs at each budget (every layer at G or 2G contiguous groups,
 landing just under the budget: the ResNeXt-style baseline at equal MACs); our DGConv search
 at each budget, from scratch and from the trained dense model (``search_from_dense``: more
-epochs in all, its rows say how many); the self-grouping pass on the trained dense model
+epochs in all, its rows say how many), and the searched groups retrained from scratch as the
+uniform ones are (``search_retrain``: the usual NAS evaluation, which judges the architecture
+apart from the cost of finding it; twice the epochs in all); the self-grouping pass on the trained dense model
 at each budget, fine-tuned; channel pruning of the same dense model to each budget, ours
 (``channels``) and Torch-Pruning's (``torch_pruning``: L1; ``torch_pruning_gn``: group-norm
 importance; installed by ``make bench-speed``), fine-tuned as self-grouping is; and the pipeline
@@ -44,8 +46,8 @@ __all__ = ["QualityConfig", "run_quality", "uniform_groups_for_budget", "cost_fi
 
 logger = logging.getLogger(__name__)
 
-METHODS = ("dense", "uniform", "search", "search_from_dense", "self_grouping", "pipeline", "channels",
-           "torch_pruning", "torch_pruning_gn")
+METHODS = ("dense", "uniform", "search", "search_from_dense", "search_retrain", "self_grouping", "pipeline",
+           "channels", "torch_pruning", "torch_pruning_gn")
 #: methods that prune this seed's trained dense model to the budget, then fine-tune it as self-grouping does
 PRUNE_AND_FINETUNE = ("channels", "torch_pruning", "torch_pruning_gn")
 #: the methods run unless told: all but search_from_dense, which trains more epochs in all
@@ -218,7 +220,7 @@ class _Bench:
 
     def cell(self, method: str, budget: float | None, seed: int) -> dict[str, Any]:
         key = f"{method}-{'dense' if budget is None else budget}-{seed}"
-        searching = method in ("search", "search_from_dense", "pipeline")
+        searching = method in ("search", "search_from_dense", "search_retrain", "pipeline")
         settings = dict(self.cfg.search_settings) if searching else {}
         if settings:
             key += "-" + hashlib.sha1(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:8]
@@ -250,6 +252,14 @@ class _Bench:
             r = self.run_search(key, seed, budget=budget, init_from=str(dense_run), **settings)
             model, acc = r.model, r.summary["val_acc"]
             row["epochs_total"] = r.summary["epochs"] + json.loads((dense_run / "summary.json").read_text())["epochs"]
+        elif method == "search_retrain":  # the searched groups trained from scratch as uniform groups are
+            self.cell("search", budget, seed)
+            searched = self.out / "runs" / key.replace("search_retrain", "search", 1)
+            groups = json.loads((searched / "summary.json").read_text())["groups"]
+            r = self.run_search(key, seed, fixed_groups=groups)
+            model, acc = r.model, r.summary["val_acc"]
+            row.update(groups=groups, epochs_total=r.summary["epochs"] + json.loads(
+                (searched / "summary.json").read_text())["epochs"])
         elif method in PRUNE_AND_FINETUNE:
             from nas_grouping.export.model import load_model
 
