@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from nas_grouping import ConfigError
+from nas_grouping.bench import quality
 from nas_grouping.bench.quality import QualityConfig, run_quality, uniform_groups_for_budget
 from nas_grouping.data import DataConfig
 from nas_grouping.macs import count_macs
@@ -70,24 +71,29 @@ def test_cells_written_before_the_cost_columns_get_them_from_their_kept_model(tm
     assert cell["costs_added_later"] and cell["speedup_b32"] > 0 and cell["val_acc"] == old["val_acc"]
 
 
-def test_search_cells_with_other_settings_are_kept_apart_and_can_start_from_the_dense_model(tmp_path, monkeypatch):
-    from nas_grouping.bench import quality
-
+def _fake_searches(monkeypatch, summary: dict) -> list:
+    """Search cells that only write ``summary`` (and record their calls); costs and model files skipped."""
     calls = []
 
     class Fake:
         model = torch.nn.Linear(2, 2)
-        summary = {"val_acc": 0.5, "epochs": 3, "dense_macs": 10}
 
     def fake_search(self, name, seed, **kw):
         calls.append((name, kw))
         (self.out / "runs" / name).mkdir(parents=True, exist_ok=True)
-        (self.out / "runs" / name / "summary.json").write_text(json.dumps(Fake.summary))
-        return Fake()
+        (self.out / "runs" / name / "summary.json").write_text(json.dumps(summary))
+        fake = Fake()
+        fake.summary = summary
+        return fake
 
     monkeypatch.setattr(quality._Bench, "run_search", fake_search)
     monkeypatch.setattr(quality, "cost_fields", lambda model, dense, size: {"macs": 5})
     monkeypatch.setattr(quality._Bench, "keep_model", lambda self, key, model: None)
+    return calls
+
+
+def test_search_cells_with_other_settings_are_kept_apart_and_can_start_from_the_dense_model(tmp_path, monkeypatch):
+    calls = _fake_searches(monkeypatch, {"val_acc": 0.5, "epochs": 3, "dense_macs": 10})
     bench = quality._Bench(QualityConfig(space_kwargs=SMALL, out=str(tmp_path), search_settings={
         "budget_ramp": 0.5}))
     row = bench.cell("search_from_dense", 0.5, 0)
@@ -103,7 +109,6 @@ def test_pruning_cells_prune_the_dense_model_to_the_budget_and_fine_tune_it(tmp_
     if method != "channels":
         pytest.importorskip("torch_pruning", reason="Torch-Pruning lives in the benchmark's own environment")
     from nas_grouping import save_model
-    from nas_grouping.bench import quality
     from search_spaces import get_space
 
     def dense_run(self, name, seed, **kw):  # a trained dense model stands in for the dense cell's run
@@ -152,24 +157,8 @@ def test_pruning_cells_prune_the_dense_model_to_the_budget_and_fine_tune_it(tmp_
 
 
 def test_search_retrain_trains_the_searched_groups_from_scratch(tmp_path, monkeypatch):
-    from nas_grouping.bench import quality
-
-    calls = []
     groups = {"a": 2, "b": 4}
-
-    class Fake:
-        model = torch.nn.Linear(2, 2)
-        summary = {"val_acc": 0.5, "epochs": 4, "dense_macs": 10, "groups": groups}
-
-    def fake_search(self, name, seed, **kw):
-        calls.append((name, kw))
-        (self.out / "runs" / name).mkdir(parents=True, exist_ok=True)
-        (self.out / "runs" / name / "summary.json").write_text(json.dumps(Fake.summary))
-        return Fake()
-
-    monkeypatch.setattr(quality._Bench, "run_search", fake_search)
-    monkeypatch.setattr(quality, "cost_fields", lambda model, dense, size: {"macs": 5})
-    monkeypatch.setattr(quality._Bench, "keep_model", lambda self, key, model: None)
+    calls = _fake_searches(monkeypatch, {"val_acc": 0.5, "epochs": 4, "dense_macs": 10, "groups": groups})
     bench = quality._Bench(QualityConfig(space_kwargs=SMALL, out=str(tmp_path)))
     row = bench.cell("search_retrain", 0.25, 1)
     (search_name, search_kw), (name, kw) = calls
