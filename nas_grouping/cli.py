@@ -220,6 +220,13 @@ def _cmd_speed(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_deploy_bench(args: argparse.Namespace) -> int:
+    from nas_grouping.bench.deploy import DeployBenchConfig, format_deploy_bench, run_deploy_bench
+
+    print(format_deploy_bench(run_deploy_bench(config_from_args(DeployBenchConfig, args))))
+    return 0
+
+
 def _cmd_data_bench(args: argparse.Namespace) -> int:
     from nas_grouping.bench.data import DataBenchConfig, bench_data, format_data_bench
 
@@ -352,6 +359,13 @@ def build_parser() -> argparse.ArgumentParser:
                          formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add_config_arguments(q, SpeedConfig)
     q.set_defaults(func=_cmd_speed)
+    from nas_grouping.bench.deploy import DeployBenchConfig
+
+    q = bench.add_parser("deploy", help="ONNX Runtime (CPU) latency of our deploy exports at equal MAC budgets "
+                         "(uniform groups, pruned channels) against the dense model exported the same way",
+                         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_config_arguments(q, DeployBenchConfig)
+    q.set_defaults(func=_cmd_deploy_bench)
     _add_log_flags(parser)  # absent unless given, so parse_args stays the job's settings (main takes it out)
     for q in _subparsers(parser):  # also after the command; given there, it overrides the one before
         _add_log_flags(q)
