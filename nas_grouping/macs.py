@@ -215,7 +215,7 @@ def layer_macs(model: nn.Module, input_size: Sequence[int], *, batch: int = 1) -
                 model(x)
             except ConfigError:
                 raise
-            except (RuntimeError, ValueError) as exc:
+            except (RuntimeError, ValueError, AssertionError) as exc:  # torch._assert raises the last
                 if is_out_of_memory(exc):
                     raise MemoryError(f"counting MACs: out of memory in a forward pass of one sample of size "
                                       f"{size} ({exc}); free memory or count on a machine with more") from exc
