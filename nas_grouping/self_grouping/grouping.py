@@ -210,7 +210,7 @@ def _execution_order(model: nn.Module, size: tuple[int, ...], names: Sequence[st
         with torch.no_grad():
             try:
                 model(x)
-            except (RuntimeError, ValueError) as exc:
+            except (RuntimeError, ValueError, AssertionError) as exc:  # torch._assert raises the last
                 raise ConfigError(f"self-grouping: a forward pass of one sample of size {size} failed: {exc}. "
                                   "Check input_size (channels, height, width, without the batch).") from exc
     finally:
