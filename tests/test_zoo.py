@@ -63,6 +63,11 @@ COSTS = {
     "timm-convnext_atto": 3, "timm-ghostnet_100": 3, "timm-ese_vovnet19b_dw": 3, "timm-dla46_c": 2,
     "timm-cspresnet50": 5, "timm-hrnet_w18_small": 4,
 }
+#: the representative CNN families (issue 19) whose exported model is also deploy-exported (ONNX and .pt2)
+DEPLOYED = {"tv-resnet18", "tv-resnext50_32x4d", "tv-mobilenet_v2", "tv-mobilenet_v3_small", "tv-efficientnet_b0",
+            "tv-regnet_x_400mf", "tv-densenet121", "tv-shufflenet_v2_x0_5", "tv-mnasnet0_5"}
+#: seconds the deploy export adds to those (one core, the other busy)
+DEPLOY_COST = 25
 #: the cost assumed for a model without one (new in torchvision)
 DEFAULT_COST = 10
 
@@ -118,7 +123,7 @@ class Case:
 
     @property
     def cost(self) -> float:
-        return COSTS.get(self.id, DEFAULT_COST)
+        return COSTS.get(self.id, DEFAULT_COST) + (DEPLOY_COST if self.id in DEPLOYED else 0)
 
 
 NOTHING_TO_PRUNE = r"no channel of this \w+ can be pruned"
@@ -378,6 +383,18 @@ def test_zoo_model(case: Case, tmp_path):
     if case.converts:
         assert masked_macs < macs, "random gates removed no MACs"
     check_save_load(exported, case, tmp_path / "exported", x, out)
+    if case.id in DEPLOYED:
+        check_deploy_export(exported, case, tmp_path)
+
+
+def check_deploy_export(model: nn.Module, case: Case, folder) -> None:
+    """The exported model as ONNX (run in ONNX Runtime) and as a torch.export program, equal to it."""
+    from nas_grouping.export.deploy import export_deployable
+
+    for fmt, suffix in (("onnx", ".onnx"), ("pt2", ".pt2")):
+        report = export_deployable(model, folder / f"model{suffix}", input_size=case.size)
+        assert report.max_abs_error <= 1e-5 * report.output_scale, (fmt, report)
+        assert report.executed_macs >= report.structural_macs
 
 
 @pytest.mark.parametrize("name,kwargs,size", [
