@@ -210,3 +210,14 @@ def test_run_deploy_reads_a_run_folder_and_its_spaces_input_size(tmp_path):
     save_model(_digits_resnet(), tmp_path / "older")  # saved before jobs recorded it: the space's own size
     report = run_deploy(DeployConfig(model=str(tmp_path / "older"), out=str(tmp_path / "m.onnx")))
     assert report.input_size == (1, 32, 32)
+
+
+def test_an_onnx_file_with_its_weights_beside_it_keeps_their_names(tmp_path, monkeypatch):
+    """Over 2 GB the exporter writes the weights to a side file named after the model file."""
+    op = pytest.importorskip("torch.onnx._internal.exporter._onnx_program")
+    monkeypatch.setattr(op, "_LARGE_MODEL_THRESHOLD", 0)
+    report = export_deployable(_mixed("dense", "dense"), tmp_path / "model.onnx", input_size=SIZE)
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert names[0] == "model.onnx" and len(names) == 2 and names[1].startswith("model.onnx")
+    assert report.bytes == sum(p.stat().st_size for p in tmp_path.iterdir())
+    assert report.max_abs_error <= 1e-5 * report.output_scale

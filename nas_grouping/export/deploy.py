@@ -15,6 +15,8 @@ from __future__ import annotations
 import copy
 import logging
 import os
+import shutil
+import tempfile
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -233,6 +235,7 @@ class DeployReport:
 
     path: str
     format: str
+    #: the file's size, with the side file of its weights where the exporter wrote one (ONNX over 2 GB)
     bytes: int
     batch: int
     input_size: tuple[int, ...]
@@ -288,6 +291,32 @@ def _run_file(path: Path, fmt: str, x: Tensor) -> Tensor:
         return torch.jit.load(str(path), map_location=x.device)(x)
 
 
+def _write_and_check(dep: nn.Module, ref_model: nn.Module, x: Tensor, path: Path, fmt: str, dynamic_batch: bool,
+                     batch: int, size: tuple[int, ...], gen: torch.Generator
+                     ) -> tuple[float, float, tuple[int, ...]]:
+    """Write the file, run it at the checked batch sizes; (max abs error, output scale, batches)."""
+    try:
+        _write(dep, x, path, fmt, dynamic_batch)
+    except (ExportError, MissingDependencyError):
+        raise
+    except Exception as exc:  # the exporters raise many types; name the step and the cause in one line
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ExportError(f"{fmt} export failed: {type(exc).__name__}: {first}") from exc
+    batches = (batch,) if not dynamic_batch else tuple(sorted({batch, 3 if batch != 3 else 2}))
+    worst, scale = 0.0, 1.0
+    for b in batches:
+        xb = torch.randn(b, *size, generator=gen).to(x.device)
+        with torch.no_grad():
+            want = ref_model(xb)
+            got = _run_file(path, fmt, xb).to(want.device)
+        if got.shape != want.shape:
+            raise ExportError(f"the {fmt} file returns shape {tuple(got.shape)} at batch {b}, "
+                              f"the model {tuple(want.shape)}")
+        worst = max(worst, float((got - want).abs().max()))
+        scale = max(scale, float(want.abs().max()))
+    return worst, scale, batches
+
+
 def export_deployable(model: nn.Module, path: str | os.PathLike, *, input_size: Sequence[int],
                       format: str | None = None, batch: int = 1, dynamic_batch: bool = True,
                       overwrite: bool = False, tolerance: float = 1e-5, seed: int = 0) -> DeployReport:
@@ -332,37 +361,25 @@ def export_deployable(model: nn.Module, path: str | os.PathLike, *, input_size: 
     x = torch.randn(max(batch, 2) if dynamic_batch and format != "torchscript" else batch, *size,
                     generator=gen).to(device)
     dep = dep.to(memory_format=torch.contiguous_format) if format == "onnx" else dep
-    tmp = file.with_name(f".{file.stem}.partial{file.suffix}")  # exporters check the suffix
+    # written under its final name in a private folder: an ONNX file over 2 GB keeps its weights in a
+    # side file named after it, and exporters check the suffix
+    staging = Path(tempfile.mkdtemp(prefix=f".{file.name}.", suffix=".partial", dir=file.parent))
     try:
-        _write(dep, x, tmp, format, dynamic_batch)
-    except (ExportError, MissingDependencyError):
-        raise
-    except Exception as exc:  # the exporters raise many types; name the step and the cause in one line
-        tmp.unlink(missing_ok=True)
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ExportError(f"{format} export failed: {type(exc).__name__}: {first}") from exc
-    batches = (batch,) if not dynamic_batch else tuple(sorted({batch, 3 if batch != 3 else 2}))
-    worst, scale = 0.0, 1.0
-    try:
-        for b in batches:
-            xb = torch.randn(b, *size, generator=gen).to(device)
-            with torch.no_grad():
-                want = ref_model(xb)
-                got = _run_file(tmp, format, xb).to(want.device)
-            if got.shape != want.shape:
-                raise ExportError(f"the {format} file returns shape {tuple(got.shape)} at batch {b}, "
-                                  f"the model {tuple(want.shape)}")
-            worst = max(worst, float((got - want).abs().max()))
-            scale = max(scale, float(want.abs().max()))
-    except Exception:
-        tmp.unlink(missing_ok=True)
+        worst, scale, batches = _write_and_check(dep, ref_model, x, staging / file.name, format, dynamic_batch,
+                                                 batch, size, gen)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
         raise
     if worst > tolerance * scale:
-        tmp.unlink(missing_ok=True)
+        shutil.rmtree(staging, ignore_errors=True)
         raise ExportError(f"the {format} file's outputs differ from the model's by {worst:.3g} (output scale "
                           f"{scale:.3g}, tolerance {tolerance:g} x scale); not written")
-    os.replace(tmp, file)
-    report = DeployReport(str(file), format, file.stat().st_size, batch, size, worst, scale, dynamic_batch, batches,
+    written = sorted(staging.iterdir())
+    for part in written:  # the model file (and its weights' side file), each replaced atomically
+        os.replace(part, file.parent / part.name)
+    staging.rmdir()
+    size_bytes = sum((file.parent / part.name).stat().st_size for part in written)
+    report = DeployReport(str(file), format, size_bytes, batch, size, worst, scale, dynamic_batch, batches,
                           count_macs(ref_model, size), count_macs(dep, size))
     logger.debug("wrote %s (%s, %.1f kB): max abs error %.2g against the model", file, format,
                 report.bytes / 1024, worst)
