@@ -266,21 +266,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     from nas_grouping.pipeline.hybrid import HybridConfig
 
-    hybrid_help = ("prune channels, and group where that is not enough, until a saved model meets a latency budget "
-                   "measured on this machine (within a MAC budget); exports the fastest exact forms")
-    p = sub.add_parser("hybrid", help=hybrid_help, description=hybrid_help,
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    add_config_arguments(p, HybridConfig)
-    p.set_defaults(func=_cmd_hybrid)
+    def step(name: str, fn: Callable[[argparse.Namespace], int], help_text: str, cls: type) -> None:
+        """A one-shot command on a saved model: its settings are the config dataclass's (no --resume)."""
+        p = sub.add_parser(name, help=help_text, description=help_text,
+                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        add_config_arguments(p, cls)
+        p.set_defaults(func=fn)
 
     from nas_grouping.export.deploy import DeployConfig
 
-    export_help = ("write a saved model as a deployable file of standard ops (ONNX, torch.export .pt2 or "
-                   "TorchScript), loaded back and checked against the model")
-    p = sub.add_parser("export", help=export_help, description=export_help,
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    add_config_arguments(p, DeployConfig)
-    p.set_defaults(func=_cmd_export)
+    step("hybrid", _cmd_hybrid, "prune channels, and group where that is not enough, until a saved model meets a "
+         "latency budget measured on this machine (within a MAC budget); exports the fastest exact forms", HybridConfig)
+    step("export", _cmd_export, "write a saved model as a deployable file of standard ops (ONNX, torch.export .pt2 or "
+         "TorchScript), loaded back and checked against the model", DeployConfig)
 
     p = sub.add_parser("spaces", help="list the registered search spaces")
     p.add_argument("--macs", action="store_true", help="also count each space's dense MACs")

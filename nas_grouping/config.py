@@ -14,7 +14,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, TypeVar, get_type_hints
+from typing import Any, Callable, Sequence, TypeVar, get_type_hints
 
 from nas_grouping.budget import REGULARIZERS
 from nas_grouping.data import DataConfig
@@ -151,6 +151,18 @@ class SearchConfig:
     @property
     def total_epochs(self) -> int:
         return self.epochs + self.finetune_epochs
+
+
+def parse_list_settings(cfg: Any, fields: Sequence[tuple[str, Callable[[str], Any]]]) -> None:
+    """Turn comma-separated strings ("1,32") of list settings into lists of ``cast`` values, in place."""
+    for name, cast in fields:
+        value = getattr(cfg, name)
+        if isinstance(value, str):
+            try:
+                value = [cast(v.strip()) for v in value.split(",") if v.strip()]
+            except ValueError:
+                raise ConfigError(f"{name}: expected a comma-separated list, got {value!r}") from None
+        setattr(cfg, name, list(value))
 
 
 def config_to_dict(cfg: Any) -> dict[str, Any]:

@@ -48,7 +48,7 @@ from torch import nn
 
 from nas_grouping.budget import groups_at_budget
 from nas_grouping.channels.pruning import ChannelPruning
-from nas_grouping.config import setting
+from nas_grouping.config import parse_list_settings, setting
 from nas_grouping.convert import convert_to_dgconv, dgconv_layers
 from nas_grouping.errors import ConfigError, MissingDependencyError
 from nas_grouping.export.deploy import DeployReport, deployable, export_deployable
@@ -105,14 +105,7 @@ class DeployBenchConfig:
     onnx_dir: str | None = setting(None, "keep the ONNX files in this folder (default: a temporary one, removed)")
 
     def __post_init__(self) -> None:
-        for name, cast in (("networks", str), ("budgets", float), ("variants", str), ("batches", int)):
-            value = getattr(self, name)
-            if isinstance(value, str):
-                try:
-                    value = [cast(v.strip()) for v in value.split(",") if v.strip()]
-                except ValueError:
-                    raise ConfigError(f"{name}: expected a comma-separated list, got {value!r}") from None
-            setattr(self, name, list(value))
+        parse_list_settings(self, (("networks", str), ("budgets", float), ("variants", str), ("batches", int)))
         if self.quick:
             self.networks, self.budgets, self.batches, self.repeats, self.warmup = (
                 [QUICK_NETWORK], self.budgets[:1] or [0.5], [1, 2], 2, 1)

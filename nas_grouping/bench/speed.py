@@ -47,7 +47,7 @@ import torch
 from tqdm.auto import tqdm
 
 from nas_grouping.channels.pruning import least_ratio
-from nas_grouping.config import setting
+from nas_grouping.config import parse_list_settings, setting
 from nas_grouping.errors import BudgetError, ConfigError
 from nas_grouping.latency.measure import LatencyCost, MeasuredLatency, fastest_layouts, profile_layers
 from nas_grouping.latency.timer import machine_info
@@ -80,14 +80,7 @@ class SpeedConfig:
     out: str | None = setting(None, "also write the rows as CSV here")
 
     def __post_init__(self) -> None:
-        for name, cast in (("networks", str), ("budgets", float), ("batches", int)):
-            value = getattr(self, name)
-            if isinstance(value, str):
-                try:
-                    value = [cast(v.strip()) for v in value.split(",") if v.strip()]
-                except ValueError:
-                    raise ConfigError(f"{name}: expected a comma-separated list, got {value!r}") from None
-            setattr(self, name, list(value))
+        parse_list_settings(self, (("networks", str), ("budgets", float), ("batches", int)))
         if self.quick:
             self.networks, self.batches, self.repeats, self.warmup, self.profile_repeats = (
                 ["resnet56"], [1, 4], 2, 1, 2)
