@@ -54,6 +54,7 @@ def test_quick_benchmark_writes_tables_and_resumes_without_rerunning_cells(tmp_p
     for cell in (json.loads(p.read_text()) for p in cells):
         assert cell["executed_macs"] >= cell["macs"] > 0 and cell["params"] > 0
         assert all(cell[f"speedup_b{b}"] > 0 and cell[f"dense_latency_ms_b{b}"] > 0 for b in (1, 32))
+        assert cell["latency_reference"] == f"dense-dense-{cell['seed']}" or cell["method"] == "dense"
     assert table["acc_change_points"].notna().all() and table["speedup_b32"].notna().all()
 
 
@@ -64,11 +65,12 @@ def test_cells_written_before_the_cost_columns_get_them_from_their_kept_model(tm
     path = tmp_path / "cells" / "uniform-0.5-0.json"
     old = {k: v for k, v in json.loads(path.read_text()).items()
            if k not in ("executed_macs", "params", "speedup_b1", "speedup_b32", "latency_ms_b32",
-                        "dense_latency_ms_b1", "dense_latency_ms_b32")}
+                        "dense_latency_ms_b1", "dense_latency_ms_b32", "latency_reference")}
     path.write_text(json.dumps(old))
     run_quality(cfg)
     cell = json.loads(path.read_text())
     assert cell["costs_added_later"] and cell["speedup_b32"] > 0 and cell["val_acc"] == old["val_acc"]
+    assert cell["latency_reference"] == "itself"  # no dense cell ran: never an untrained stand-in
 
 
 def _fake_searches(monkeypatch, summary: dict) -> list:

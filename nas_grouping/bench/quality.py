@@ -128,14 +128,16 @@ LATENCY_BATCHES = (1, 32)
 
 def cost_fields(model: torch.nn.Module, dense: torch.nn.Module, input_size: tuple[int, ...]) -> dict[str, Any]:
     """Structural and executed MACs, parameters, and CPU latency at batch 1 and 32 measured side by side with
-    the dense architecture (both as deployed, each in its fastest layout; weights do not change the time)."""
+    ``dense`` (both as deployed, each in its fastest layout). The reference must be a trained model: an
+    untrained network's activations reach denormal floats, which CPUs multiply many times slower (an untrained
+    dense ResNet-20 timed 1.6x slower than its trained copy at batch 32)."""
     from nas_grouping.latency.measure import fastest_layouts
 
     row: dict[str, Any] = {"macs": count_macs(model, input_size),
                            "executed_macs": count_macs(model, input_size, executed=True),
                            "params": count_parameters(model)}
     for b in LATENCY_BATCHES:
-        t = fastest_layouts({"dense": dense, "model": model}, input_size, batch=b, repeats=10, warmup=2)
+        t = fastest_layouts({"dense": dense, "model": model}, input_size, batch=b, repeats=20, warmup=3)
         row[f"latency_ms_b{b}"], row[f"dense_latency_ms_b{b}"] = t["model"][1], t["dense"][1]
         row[f"speedup_b{b}"] = t["dense"][1] / t["model"][1]
     return row
@@ -279,20 +281,25 @@ class _Bench:
             target = int(budget * r.summary["dense_macs"])
             model, acc = self.self_group(r.model, target, seed)
         self.keep_model(key, model)
-        row.update(status="ok", val_acc=float(acc), **cost_fields(model, self.dense_architecture(), self.size),
+        row.update(status="ok", val_acc=float(acc), **self.costs(model, seed),
                    seconds=time.perf_counter() - start)
         write_json(path, row)
         return row
 
-    def dense_architecture(self) -> torch.nn.Module:
-        """The space's dense network (untrained: the latency reference)."""
-        if not hasattr(self, "_dense"):
-            from nas_grouping.export.model import export_model
-            from search_spaces import get_space
+    def dense_reference(self, seed: int) -> torch.nn.Module | None:
+        """This seed's trained dense model, the latency reference; None before its cell has run."""
+        folder = self.model_folder(f"dense-dense-{seed}")
+        if not (folder / "weights.pt").is_file():
+            return None
+        from nas_grouping.export.model import load_model
 
-            self._dense = export_model(get_space(self.cfg.space, num_classes=self.ds.num_classes,
-                                                 in_channels=self.size[0], **self.cfg.space_kwargs)).eval()
-        return self._dense
+        return load_model(folder)
+
+    def costs(self, model: torch.nn.Module, seed: int) -> dict[str, Any]:
+        """cost_fields against this seed's trained dense model (against itself for a dense cell run alone)."""
+        dense = self.dense_reference(seed)
+        return {**cost_fields(model, model if dense is None else dense, self.size),
+                "latency_reference": f"dense-dense-{seed}" if dense is not None else "itself"}
 
     def model_folder(self, key: str) -> Path:
         return self.out / "runs" / key / "model"
@@ -309,15 +316,18 @@ class _Bench:
                 logger.warning("cell %s: its model was not saved (%s); latency can only be measured now", key, exc)
 
     def with_costs(self, key: str, path: Path) -> dict[str, Any]:
-        """A finished cell, with executed MACs and side-by-side latency added when it predates them and its model
-        was kept (older cells keep their batch-1 latency, measured alone)."""
+        """A finished cell, with executed MACs and latency side by side with its seed's trained dense model added
+        (or measured again) when it predates them and its model was kept (older cells keep their batch-1
+        latency, measured alone)."""
         row = json.loads(path.read_text())
-        if row.get("status") != "ok" or "speedup_b32" in row or not (self.model_folder(key) / "weights.pt").is_file():
+        reference = f"dense-dense-{row.get('seed')}"
+        if (row.get("status") != "ok" or row.get("latency_reference") == reference
+                or not (self.model_folder(key) / "weights.pt").is_file()):
             return row
         from nas_grouping.export.model import load_model
 
-        row.update(cost_fields(load_model(self.model_folder(key)), self.dense_architecture(), self.size),
-                   costs_added_later=True)
+        model = load_model(self.model_folder(key))
+        row.update(self.costs(model, row["seed"]), costs_added_later=True)
         write_json(path, row)
         return row
 
