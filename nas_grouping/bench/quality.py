@@ -128,9 +128,9 @@ LATENCY_BATCHES = (1, 32)
 
 def cost_fields(model: torch.nn.Module, dense: torch.nn.Module, input_size: tuple[int, ...]) -> dict[str, Any]:
     """Structural and executed MACs, parameters, and CPU latency at batch 1 and 32 measured side by side with
-    ``dense`` (both as deployed, each in its fastest layout). The reference must be a trained model: an
-    untrained network's activations reach denormal floats, which CPUs multiply many times slower (an untrained
-    dense ResNet-20 timed 1.6x slower than its trained copy at batch 32)."""
+    ``dense`` (both as deployed, each in its fastest layout). On a loaded machine ten repeats were not enough:
+    the dense cell once timed 1.64x faster than an identical dense network at batch 32 (a re-test: 51 vs
+    50 ms), so the dense cell's own ratio, which should be 1, shows the noise floor of a run."""
     from nas_grouping.latency.measure import fastest_layouts
 
     row: dict[str, Any] = {"macs": count_macs(model, input_size),
@@ -296,7 +296,8 @@ class _Bench:
         return load_model(folder)
 
     def costs(self, model: torch.nn.Module, seed: int) -> dict[str, Any]:
-        """cost_fields against this seed's trained dense model (against itself for a dense cell run alone)."""
+        """cost_fields against this seed's trained dense model, the model the pruning methods start from
+        (against itself for a cell whose dense cell has not run)."""
         dense = self.dense_reference(seed)
         return {**cost_fields(model, model if dense is None else dense, self.size),
                 "latency_reference": f"dense-dense-{seed}" if dense is not None else "itself"}
