@@ -392,12 +392,13 @@ def _plot(table: pd.DataFrame, path: Path) -> None:
     panels = [("macs_fraction", "structural MACs / dense (log)"),
               *((f"speedup_b{b}", f"measured CPU speed-up vs dense, batch {b}") for b in LATENCY_BATCHES)]
     fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.5))
+    colors = {method: f"C{i % 10}" for i, method in enumerate(sorted(table["method"].unique()))}
     for ax, (column, label) in zip(axes, panels):
         for method, rows in table.groupby("method"):
             rows = rows.dropna(subset=[column]).sort_values(column)
-            if len(rows):
+            if len(rows):  # one color per method in every panel, though some lack a column
                 ax.errorbar(rows[column], rows["acc_change_points"], yerr=100 * rows["acc_std"].fillna(0),
-                            marker="o", capsize=3, label=method)
+                            marker="o", capsize=3, label=method, color=colors[method])
         if column == "macs_fraction":
             ax.set_xscale("log")
             for name, fraction, change in PUBLISHED:
