@@ -60,6 +60,16 @@ def _conv_like(template: nn.Module, in_channels: int, out_channels: int, groups:
     return conv
 
 
+def _linear_like(in_features: int, out_features: int, weight: Tensor, bias: Tensor | None) -> nn.Linear:
+    """An nn.Linear holding the given weights (on their device, in their dtype)."""
+    linear = nn.Linear(in_features, out_features, bias is not None, device=weight.device, dtype=weight.dtype)
+    with torch.no_grad():
+        linear.weight.copy_(weight)
+        if bias is not None:
+            linear.bias.copy_(bias)
+    return linear
+
+
 def _chain(*modules: nn.Module | None) -> nn.Module:
     kept = [m for m in modules if m is not None]
     return kept[0] if len(kept) == 1 else nn.Sequential(*kept)
@@ -126,13 +136,7 @@ def _diverse_linear(layer: DiverseGroupLinear, form: str) -> nn.Module:
     if form == "grouped" and layer._n_conv_groups == 0:
         form = "dense"
     if form == "dense":
-        dense = nn.Linear(layer.in_features, layer.out_features, layer.bias is not None,
-                          device=layer.bias.device if layer.bias is not None else None)
-        with torch.no_grad():
-            dense.weight.copy_(layer.dense_weight())
-            if layer.bias is not None:
-                dense.bias.copy_(layer.bias)
-        return dense
+        return _linear_like(layer.in_features, layer.out_features, layer.dense_weight(), layer.bias)
     if form == "grouped":
         w, b = layer.grouped_weight()
         gp = layer._n_conv_groups
@@ -140,15 +144,7 @@ def _diverse_linear(layer: DiverseGroupLinear, form: str) -> nn.Module:
         return _chain(None if layer._gather_identity else ChannelGather(layer._gather_index, -1), grouped,
                       None if layer._out_identity else ChannelGather(layer._out_slot, -1))
 
-    def make(cin: int, cout: int, w: Tensor, b: Tensor | None) -> nn.Module:
-        lin = nn.Linear(cin, cout, b is not None, device=w.device, dtype=w.dtype)
-        with torch.no_grad():
-            lin.weight.copy_(w.reshape(cout, cin))
-            if b is not None:
-                lin.bias.copy_(b)
-        return lin
-
-    return _per_group(layer, make, -1)
+    return _per_group(layer, lambda cin, cout, w, b: _linear_like(cin, cout, w.reshape(cout, cin), b), -1)
 
 
 def _forms(model: nn.Module, input_size: tuple[int, ...] | None, batch: int) -> dict[str, str]:
@@ -256,7 +252,6 @@ def _write(dep: nn.Module, x: Tensor, path: Path, fmt: str, dynamic_batch: bool)
         program = torch.export.export(dep, (x,), dynamic_shapes=shapes)
         torch.export.save(program, str(path))
     elif fmt == "onnx":
-        _need("onnx", "onnxscript")
         shapes = ({0: torch.export.Dim("batch", min=1, max=4096)},) if dynamic_batch else None
         program = torch.onnx.export(dep, (x,), dynamo=True, dynamic_shapes=shapes, input_names=["input"],
                                     output_names=["output"], verbose=False)
@@ -278,7 +273,6 @@ def _need(*modules: str) -> None:
 
 def _run_file(path: Path, fmt: str, x: Tensor) -> Tensor:
     if fmt == "onnx":
-        _need("onnxruntime")
         import onnxruntime as ort
 
         session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
@@ -350,10 +344,11 @@ def export_deployable(model: nn.Module, path: str | os.PathLike, *, input_size: 
         raise ExportError(f"{file} exists; choose another path or pass overwrite=True (--overwrite)")
     if not file.parent.is_dir():
         raise ExportError(f"{file.parent} is not a folder")
+    if format == "onnx":  # before any work, not after the file is written
+        _need("onnx", "onnxscript", "onnxruntime")
     size = check_input_size(input_size)
-    dep = deployable(model, size, batch=batch).eval()
-    ref_model = model if not any(isinstance(m, DGConv2d) for m in model.modules()) else export_model(model)
-    ref_model = ref_model.eval()
+    ref_model = export_model(model) if any(isinstance(m, DGConv2d) for m in model.modules()) else model
+    dep = deployable(ref_model, size, batch=batch).eval()
     gen = torch.Generator().manual_seed(seed)
     param = next(dep.parameters(), None)
     device = param.device if param is not None else torch.device("cpu")
@@ -364,12 +359,15 @@ def export_deployable(model: nn.Module, path: str | os.PathLike, *, input_size: 
     # written under its final name in a private folder: an ONNX file over 2 GB keeps its weights in a
     # side file named after it, and exporters check the suffix
     staging = Path(tempfile.mkdtemp(prefix=f".{file.name}.", suffix=".partial", dir=file.parent))
+    was_training = ref_model.training
     try:
-        worst, scale, batches = _write_and_check(dep, ref_model, x, staging / file.name, format, dynamic_batch,
-                                                 batch, size, gen)
+        worst, scale, batches = _write_and_check(dep, ref_model.eval(), x, staging / file.name, format,
+                                                 dynamic_batch, batch, size, gen)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+    finally:
+        ref_model.train(was_training)  # the caller's model keeps its mode
     if worst > tolerance * scale:
         shutil.rmtree(staging, ignore_errors=True)
         raise ExportError(f"the {format} file's outputs differ from the model's by {worst:.3g} (output scale "
