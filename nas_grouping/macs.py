@@ -24,7 +24,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from nas_grouping.errors import ConfigError, is_out_of_memory
 
 __all__ = ["FUNCTIONAL", "LayerMacs", "layer_macs", "count_macs", "count_parameters", "flop_counter_macs",
-           "check_input_size", "parse_input_size", "format_macs"]
+           "check_input_size", "parse_input_size", "format_macs", "mac_counts"]
 
 
 @dataclass(frozen=True)
@@ -259,8 +259,13 @@ def count_macs(model: nn.Module, input_size: Sequence[int], *, executed: bool = 
     batch of ``batch`` where a layer picks its form per call): the number to compare
     with measured speed.
     """
+    return mac_counts(model, input_size, batch=batch)[1 if executed else 0]
+
+
+def mac_counts(model: nn.Module, input_size: Sequence[int], *, batch: int = 1) -> tuple[int, int]:
+    """(structural, executed) MACs per sample from one counting pass (see :func:`count_macs`)."""
     rows = layer_macs(model, input_size, batch=batch)
-    return sum(r.executed_macs if executed else r.macs for r in rows)
+    return sum(r.macs for r in rows), sum(r.executed_macs for r in rows)
 
 
 def format_macs(macs: int, executed: int | None, reference: int, *, of: str = "dense") -> str:

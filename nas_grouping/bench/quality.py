@@ -38,7 +38,7 @@ from nas_grouping.config import (PROTOCOL_HELP, CompressConfig, SearchConfig, Se
                                  config_to_dict, setting)
 from nas_grouping.data import DataConfig, load_datasets
 from nas_grouping.errors import ConfigError
-from nas_grouping.macs import count_macs, count_parameters
+from nas_grouping.macs import count_macs, count_parameters, mac_counts
 from nas_grouping.protocols import apply_protocol_defaults, merge_protocol
 from nas_grouping.report import write_json
 
@@ -133,9 +133,8 @@ def cost_fields(model: torch.nn.Module, dense: torch.nn.Module, input_size: tupl
     50 ms), so the dense cell's own ratio, which should be 1, shows the noise floor of a run."""
     from nas_grouping.latency.measure import fastest_layouts
 
-    row: dict[str, Any] = {"macs": count_macs(model, input_size),
-                           "executed_macs": count_macs(model, input_size, executed=True),
-                           "params": count_parameters(model)}
+    structural, executed = mac_counts(model, input_size)
+    row: dict[str, Any] = {"macs": structural, "executed_macs": executed, "params": count_parameters(model)}
     for b in LATENCY_BATCHES:
         t = fastest_layouts({"dense": dense, "model": model}, input_size, batch=b, repeats=20, warmup=3)
         row[f"latency_ms_b{b}"], row[f"dense_latency_ms_b{b}"] = t["model"][1], t["dense"][1]

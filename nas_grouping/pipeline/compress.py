@@ -41,7 +41,7 @@ from nas_grouping.files import check_run_folder, claim_run_folder
 from nas_grouping.latency.layers import WHOLE, layer_latency, summary_from_layers, write_layer_latency
 from nas_grouping.latency.measure import (LAYOUTS, LatencyTable, MeasuredLatency, choose_fastest_forms,
                                           parse_latency_budget, sample_models)
-from nas_grouping.macs import count_macs, count_parameters, format_macs, layer_macs
+from nas_grouping.macs import count_macs, count_parameters, format_macs, layer_macs, mac_counts
 from nas_grouping.report import read_json, write_json
 from nas_grouping.runtime import Runtime, setup_runtime
 from nas_grouping.self_grouping.grouping import GroupingPlan, LayerOutcome, SelfGrouping, SelfGroupingResult
@@ -164,11 +164,15 @@ def measure_latency(models: dict[str, nn.Module], input_size: Sequence[int], bat
     return rows
 
 
-def _layer_macs_by(model: nn.Module, input_size: Sequence[int], names: Sequence[str], *,
-                   executed: bool = False) -> dict[str, int]:
+def _layer_macs_by(model: nn.Module, input_size: Sequence[int], names: Sequence[str]
+                   ) -> dict[str, tuple[int, int]]:
+    """(structural, executed) MACs under each name, from one counting pass."""
     rows = layer_macs(model, input_size)
-    return {n: sum(r.executed_macs if executed else r.macs for r in rows
-                   if not n or r.name == n or r.name.startswith(n + ".")) for n in names}
+    sums = {}
+    for n in names:
+        inside = [r for r in rows if not n or r.name == n or r.name.startswith(n + ".")]
+        sums[n] = (sum(r.macs for r in inside), sum(r.executed_macs for r in inside))
+    return sums
 
 
 def layer_table(plan: GroupingPlan, outcomes: Sequence[LayerOutcome], before: nn.Module, after: nn.Module,
@@ -177,7 +181,6 @@ def layer_table(plan: GroupingPlan, outcomes: Sequence[LayerOutcome], before: nn
     names = [lp.name for lp in plan.layers]
     macs_before = _layer_macs_by(before, input_size, names)
     macs_after = _layer_macs_by(after, input_size, names)
-    executed_after = _layer_macs_by(after, input_size, names, executed=True)
     by_name = {o.name: o for o in outcomes}
     rows = []
     for lp in plan.layers:
@@ -194,8 +197,8 @@ def layer_table(plan: GroupingPlan, outcomes: Sequence[LayerOutcome], before: nn
             "kept_connections": o.kept if o else None,
             "target_fraction": lp.fraction,
             "pruned_fraction": (1 - o.kept / lp.connections) if o and lp.connections else None,
-            "macs_before": macs_before[lp.name], "macs_after": macs_after[lp.name],
-            "executed_macs_after": executed_after[lp.name],
+            "macs_before": macs_before[lp.name][0], "macs_after": macs_after[lp.name][0],
+            "executed_macs_after": macs_after[lp.name][1],
         })
     df = pd.DataFrame(rows)
     for column in ("clusters", "clusters_found", "groups", "connections_before", "kept_connections"):
@@ -421,6 +424,7 @@ class _Measured:
     per_layer: pd.DataFrame | None
     macs_before: int
     macs_after: int
+    executed_macs_after: int
     layers: pd.DataFrame
     latency: list[dict[str, Any]]
     speedup: list[dict[str, Any]]
@@ -512,12 +516,13 @@ def _measure(run: _CompressRun, result: SelfGroupingResult) -> _Measured:
     """MACs, the per-layer table and CPU latency of the compressed model beside the input model."""
     cfg, input_size = run.cfg, run.input_size
     compressed, forms, per_layer = _fastest_forms(run, result.model)
-    macs_before, macs_after = count_macs(run.original, input_size), count_macs(compressed, input_size)
+    macs_before = count_macs(run.original, input_size)
+    macs_after, executed_after = mac_counts(compressed, input_size)
     layers = layer_table(run.plan, result.outcomes, run.narrowed, compressed, input_size)
     latency = measure_latency({"input": run.original, "compressed": compressed}, input_size, cfg.latency_batches,
                               repeats=cfg.latency_repeats) if cfg.latency_batches else []
     return _Measured(model=compressed, forms=forms, per_layer=per_layer, macs_before=macs_before,
-                     macs_after=macs_after, layers=layers, latency=latency,
+                     macs_after=macs_after, executed_macs_after=executed_after, layers=layers, latency=latency,
                      speedup=_speedup(latency, cfg.latency_batches))
 
 
@@ -561,7 +566,7 @@ def _summarize(run: _CompressRun, result: SelfGroupingResult, measured: _Measure
         "channel_pruning": channels, "val_acc_pruned": result.val_acc("pruned"),
         "val_acc_after": result.history[-1]["val_acc"],
         "macs_before": measured.macs_before, "macs_after": measured.macs_after,
-        "executed_macs_after": count_macs(measured.model, run.input_size, executed=True),
+        "executed_macs_after": measured.executed_macs_after,
         "mac_reduction": measured.macs_before / max(measured.macs_after, 1),
         "macs_fraction": measured.macs_after / max(measured.macs_before, 1), "planned_macs_at_most": plan.macs_after,
         "budget_macs": plan.budget_macs, "global_fraction": plan.global_fraction,

@@ -42,7 +42,7 @@ from nas_grouping.graph.fold import count_gathers
 from nas_grouping.latency.measure import (LatencyCost, MeasuredLatency, choose_fastest_forms, fastest_layouts,
                                           profile_layers)
 from nas_grouping.latency.timer import enough_repeats
-from nas_grouping.macs import check_input_size, count_macs, count_parameters, format_macs, parse_input_size
+from nas_grouping.macs import check_input_size, count_macs, count_parameters, format_macs, mac_counts, parse_input_size
 from nas_grouping.report import write_json
 from nas_grouping.runtime import Runtime
 from nas_grouping.search.loop import project_to_budget, project_to_measured_latency
@@ -279,8 +279,7 @@ def run_hybrid(cfg: HybridConfig) -> HybridResult:
                                seed=cfg.seed)
     result = hybrid.run(latency_budget=cfg.latency_budget, budget=cfg.budget)
     dense_macs = count_macs(hybrid.dense, size)
-    macs = count_macs(result.model, size)
-    executed = count_macs(result.model, size, executed=True, batch=cfg.batch)
+    macs, executed = mac_counts(result.model, size, batch=cfg.batch)
     final = fastest_layouts({"dense": hybrid.dense, "hybrid": result.model}, size, batch=cfg.batch,
                             repeats=enough_repeats(hybrid.dense_ms, cfg.repeats), warmup=2)
     summary = {"job": "hybrid", "source": str(folder), "input_size": list(size), "batch": cfg.batch,

@@ -32,7 +32,7 @@ from nas_grouping.data import load_datasets, split_dataset
 from nas_grouping.errors import BudgetError, ConfigError, RunExistsError
 from nas_grouping.export.model import export_model, load_model, model_folder, save_model
 from nas_grouping.files import check_run_folder, claim_run_folder
-from nas_grouping.macs import count_macs, count_parameters
+from nas_grouping.macs import count_parameters, mac_counts
 from nas_grouping.runtime import Runtime, setup_runtime, unwrap
 from nas_grouping.training import (epoch_loader, evaluate, load_checkpoint, make_lr_scheduler, save_checkpoint,
                                    seed_everything, train_epoch)
@@ -720,14 +720,14 @@ def _summarize(run: _SearchRun, exported: nn.Module, evaluation: dict[str, Any],
                latency_measured: dict[str, Any] | None) -> dict[str, Any]:
     """The run's summary: accuracy, MACs against the budget, parameters, projection, latency, groups."""
     cfg, rt = run.cfg, run.rt
-    exported_macs = count_macs(exported, run.input_size)
+    exported_macs, executed_macs = mac_counts(exported, run.input_size)
     return {
         "space": cfg.space, "dataset": run.ds.name, "dense": cfg.dense,
         "val_acc": evaluation["exported"]["acc"], "val_loss": evaluation["exported"]["loss"],
         "searched_val_acc": evaluation["searched"]["acc"],
         "macs": exported_macs, "dense_macs": run.dense_macs, "budget_macs": run.budget_macs,
         "macs_fraction": exported_macs / run.dense_macs, "budget_met": exported_macs <= run.budget_macs,
-        "executed_macs": count_macs(exported, run.input_size, executed=True),
+        "executed_macs": executed_macs,
         "params": count_parameters(exported), "projected": bool(run.flips), "projection_flips": run.flips,
         "export_max_abs_diff": evaluation["max_diff"], "epochs": run.total,
         "wall_time_s": time.perf_counter() - run.start_time,
