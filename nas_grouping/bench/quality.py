@@ -285,21 +285,19 @@ class _Bench:
         write_json(path, row)
         return row
 
-    def dense_reference(self, seed: int) -> torch.nn.Module | None:
-        """This seed's trained dense model, the latency reference; None before its cell has run."""
-        folder = self.model_folder(f"dense-dense-{seed}")
-        if not (folder / "weights.pt").is_file():
-            return None
-        from nas_grouping.export.model import load_model
-
-        return load_model(folder)
+    def latency_reference(self, seed: int) -> str:
+        """The cell whose model the latency is measured against: this seed's trained dense model once its cell
+        has run (the model the pruning methods start from), else "itself"."""
+        name = f"dense-dense-{seed}"
+        return name if (self.model_folder(name) / "weights.pt").is_file() else "itself"
 
     def costs(self, model: torch.nn.Module, seed: int) -> dict[str, Any]:
-        """cost_fields against this seed's trained dense model, the model the pruning methods start from
-        (against itself for a cell whose dense cell has not run)."""
-        dense = self.dense_reference(seed)
-        return {**cost_fields(model, model if dense is None else dense, self.size),
-                "latency_reference": f"dense-dense-{seed}" if dense is not None else "itself"}
+        """cost_fields against :meth:`latency_reference`, which the row names."""
+        from nas_grouping.export.model import load_model
+
+        reference = self.latency_reference(seed)
+        dense = model if reference == "itself" else load_model(self.model_folder(reference))
+        return {**cost_fields(model, dense, self.size), "latency_reference": reference}
 
     def model_folder(self, key: str) -> Path:
         return self.out / "runs" / key / "model"
@@ -320,8 +318,7 @@ class _Bench:
         (or measured again) when it predates them and its model was kept (older cells keep their batch-1
         latency, measured alone)."""
         row = json.loads(path.read_text())
-        reference = f"dense-dense-{row.get('seed')}"
-        if (row.get("status") != "ok" or row.get("latency_reference") == reference
+        if (row.get("status") != "ok" or row.get("latency_reference") == self.latency_reference(row["seed"])
                 or not (self.model_folder(key) / "weights.pt").is_file()):
             return row
         from nas_grouping.export.model import load_model
