@@ -167,3 +167,20 @@ def test_search_retrain_trains_the_searched_groups_from_scratch(tmp_path, monkey
     assert search_name == "search-0.25-1" and search_kw == {"budget": 0.25}
     assert name == "search_retrain-0.25-1" and kw == {"fixed_groups": groups}
     assert row["groups"] == groups and row["epochs_total"] == 8
+
+
+def test_a_folder_resumed_with_other_training_settings_is_refused_and_seeds_can_be_split(tmp_path, monkeypatch):
+    _fake_searches(monkeypatch, {"val_acc": 0.5, "epochs": 3, "dense_macs": 10})
+    monkeypatch.setattr(quality._Bench, "costs", lambda self, model, seed: {"macs": 5})
+    first = dict(space_kwargs=SMALL, budgets=[0.5], epochs=3, methods=["dense", "uniform"], out=str(tmp_path),
+                 progress=False, seeds=1)
+    run_quality(QualityConfig(**first))
+    table = run_quality(QualityConfig(**{**first, "first_seed": 2, "methods": ["dense"]}))
+    assert sorted(p.name for p in (tmp_path / "cells").glob("dense-*.json")) == ["dense-dense-0.json",
+                                                                                 "dense-dense-2.json"]
+    assert set(table["method"]) == {"dense", "uniform"}  # the table covers every cell of the folder
+    assert int(table[table["method"] == "dense"]["seeds"].iloc[0]) == 2
+    with pytest.raises(ConfigError, match=r"epochs=3 \(now 4\)"):
+        run_quality(QualityConfig(**{**first, "epochs": 4}))
+    with pytest.raises(ConfigError, match="first_seed"):
+        QualityConfig(first_seed=-1)

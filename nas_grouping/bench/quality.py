@@ -15,7 +15,9 @@ importance; installed by ``make bench-speed``), fine-tuned as self-grouping is; 
 
 Each (method, budget, seed) cell is trained once and written to its own JSON
 file, so an interrupted benchmark resumes without rerunning finished cells, and
-seeds make every cell repeatable.
+seeds make every cell repeatable. Processes or machines may share a run folder,
+each with its own seeds (``first_seed``); the table covers every finished cell in
+it, and a folder is refused when resumed with other training settings.
 """
 
 from __future__ import annotations
@@ -63,6 +65,8 @@ class QualityConfig:
     data: DataConfig = field(default_factory=DataConfig, metadata={"help": "data set settings"})
     budgets: list = setting([0.25, 0.125, 0.0625], "MAC budgets as fractions of the dense model")
     seeds: int = setting(5, "seeds per (method, budget)")
+    first_seed: int = setting(0, "the first seed: cells run seeds first_seed .. first_seed + seeds - 1, so several "
+                              "processes or machines can share one run folder, each with its own seeds")
     epochs: int = setting(15, "training epochs of every dense / uniform / search cell")
     sg_epochs: int = setting(5, "self-grouping fine-tuning epochs (on top of the trained dense model)")
     methods: list = setting(list(DEFAULT_METHODS), "methods to run")
@@ -88,8 +92,8 @@ class QualityConfig:
         unknown = set(self.methods) - set(METHODS)
         if unknown:
             raise ConfigError(f"unknown method(s) {sorted(unknown)}; known: {', '.join(METHODS)}")
-        if self.seeds < 1 or self.epochs < 3:
-            raise ConfigError("seeds must be >= 1 and epochs >= 3")
+        if self.seeds < 1 or self.epochs < 3 or self.first_seed < 0:
+            raise ConfigError("seeds must be >= 1, first_seed >= 0 and epochs >= 3")
 
     @property
     def run_budgets(self) -> list[float]:
@@ -97,7 +101,7 @@ class QualityConfig:
 
     @property
     def run_seeds(self) -> list[int]:
-        return list(range(2 if self.quick else self.seeds))
+        return list(range(self.first_seed, self.first_seed + (2 if self.quick else self.seeds)))
 
 
 def uniform_groups_for_budget(space: str, space_kwargs: dict, fraction: float, num_classes: int,
@@ -343,15 +347,47 @@ class _Bench:
         return todo
 
 
+#: the settings every cell of a run folder was trained with; the methods, budgets and seeds may differ per run
+_FOLDER_SETTINGS = ("space", "space_kwargs", "epochs", "sg_epochs", "protocol")
+_FOLDER_DATA_SETTINGS = ("dataset", "batch_size", "val_fraction", "split_seed", "augment", "crop_padding", "cutout",
+                         "image_size")
+
+
+def _check_folder(cfg: QualityConfig, out: Path) -> None:
+    """Refuse a run folder whose cells were trained with other settings: its table would mix them silently."""
+    path = out / "config.json"
+    if not path.is_file():
+        return
+    old, new = json.loads(path.read_text()), config_to_dict(cfg)
+    pairs = [(k, old.get(k), new.get(k)) for k in _FOLDER_SETTINGS]
+    pairs += [(f"data.{k}", old.get("data", {}).get(k), new["data"].get(k)) for k in _FOLDER_DATA_SETTINGS]
+    differ = [f"{k}={a!r} (now {b!r})" for k, a, b in pairs if a != b]
+    if differ:
+        raise ConfigError(f"{out} holds cells trained with {', '.join(differ)}: resume it with those settings or "
+                          "choose another --out")
+
+
+def _all_cells(cells: Path) -> pd.DataFrame:
+    """Every cell written to the folder (by this run, earlier ones or other processes); cells run with
+    search_settings are labelled by them, so they never pool with the default ones."""
+    rows = [json.loads(p.read_text()) for p in sorted(cells.glob("*.json"))]
+    for row in rows:
+        if row.get("settings"):
+            row["method"] += " " + json.dumps(row["settings"], sort_keys=True)
+    return pd.DataFrame(rows)
+
+
 def run_quality(cfg: QualityConfig) -> pd.DataFrame:
-    """Run (or resume) the benchmark; returns the aggregated table and writes CSV, JSON and a plot to ``cfg.out``."""
+    """Run (or resume) the benchmark; returns the table of every finished cell in ``cfg.out`` (several processes
+    may share the folder, each with its own seeds) and writes CSV, JSON and a plot there."""
+    out = Path(cfg.out)
+    _check_folder(cfg, out)
     bench = _Bench(cfg)
     write_json(bench.out / "config.json", config_to_dict(cfg))
-    rows = []
     todo = bench.plan()
     for method, budget, seed in tqdm(todo, desc="cells", disable=not cfg.progress, dynamic_ncols=True):
-        rows.append(bench.cell(method, budget, seed))
-    cells = pd.DataFrame(rows)
+        bench.cell(method, budget, seed)
+    cells = _all_cells(bench.cells)
     cells.to_csv(bench.out / "cells.csv", index=False)
     ok = cells[cells["status"] == "ok"].copy()
     ok["budget"] = ok["budget"].fillna(1.0)
