@@ -76,7 +76,7 @@ def _cmd_compress(args: argparse.Namespace) -> int:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    args.dense = True
+    args.dense = getattr(args, "fixed_groups", None) is None
     return _cmd_search(args)
 
 
@@ -258,7 +258,8 @@ def build_parser() -> argparse.ArgumentParser:
         return p
 
     job("search", _cmd_search, "search the groups of every DGConv layer under a MAC budget, then export")
-    job("train", _cmd_train, "train the dense network of a space with the search's schedule (the baseline)")
+    job("train", _cmd_train, "train the dense network of a space with the search's schedule (the baseline), or the "
+        "groups a search found, from scratch (--fixed-groups RUN_FOLDER)")
     from nas_grouping.config import CompressConfig
 
     job("compress", _cmd_compress, "self-group a saved model (SG-CNN) to a fraction or MAC budget, fine-tune, and "

@@ -73,8 +73,9 @@ class SearchConfig:
     gate_split: float = setting(0.5, "bi-level: share of the training data that trains the gates")
     dense: bool = setting(False, "train the dense network instead (the baseline; no gates, no budget)")
     fixed_groups: Any = setting(None, "train with every searchable layer held at this many contiguous groups (capped "
-                                "per layer), or at per-layer groups as JSON {layer: groups} (the uniform baseline; no "
-                                "search, no budget)")
+                                "per layer), at per-layer groups as JSON {layer: groups}, or at the groups a search "
+                                "found (its run folder or summary.json: the found groups retrained from scratch); no "
+                                "search, no budget")
     budget_ramp: float = setting(0.0, "share of the search epochs over which the regularizer's target moves "
                                  "linearly from the dense cost down to the budget (0: the budget from the first "
                                  "step, as the paper; 1: over the whole search), so the weights follow the "
@@ -681,14 +682,34 @@ class TuneConfig:
 
 
 def _fixed_groups(value: Any) -> int | dict[str, int] | None:
-    """``fixed_groups`` as None, a power of two, or {layer name: power of two} (a flag's text parsed as JSON)."""
+    """``fixed_groups`` as None, a power of two, or {layer name: power of two} (a flag's text parsed as JSON, or
+    the groups recorded in a search's run folder or summary.json)."""
     if isinstance(value, str):
-        value = _json_setting("fixed_groups", value)
+        try:
+            value = json.loads(value)
+        except ValueError:
+            value = _searched_groups(value)
     values = value.values() if isinstance(value, dict) else [value]
     if value is not None and not all(isinstance(g, int) and not isinstance(g, bool) and g >= 1 and not g & (g - 1)
                                      for g in values):
         raise ConfigError(f"fixed_groups must be a power of two >= 1 or {{layer: power of two}}, got {value!r}")
     return value
+
+
+def _searched_groups(text: str) -> dict[str, int]:
+    """The per-layer groups a finished search recorded in its summary.json (``text``: the file or its run folder)."""
+    path = Path(text)
+    summary = path / "summary.json" if path.is_dir() else path
+    if not summary.is_file():
+        raise ConfigError(f"fixed_groups: expected a power of two, JSON {{layer: groups}}, or a search's run folder "
+                          f"or summary.json; got {text!r} (no {summary})")
+    try:
+        groups = json.loads(summary.read_text()).get("groups")
+    except (ValueError, AttributeError):
+        groups = None
+    if not isinstance(groups, dict) or not groups:
+        raise ConfigError(f"fixed_groups: {summary} records no per-layer groups (is it a finished search's summary?)")
+    return groups
 
 
 def _json_setting(name: str, text: str) -> Any:

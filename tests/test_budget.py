@@ -200,3 +200,17 @@ def test_fixed_groups_take_a_per_layer_map_from_every_source():
         SearchConfig(fixed_groups={"layer1.0.conv1": 3})
     with pytest.raises(ConfigError, match="missing"):
         build_search_model(SearchConfig(fixed_groups={"layer1.0.conv1": 2}), 10, 3)
+
+
+def test_fixed_groups_read_the_groups_a_search_recorded(tmp_path):
+    from nas_grouping.config import SearchConfig
+
+    groups = {"layer1.0.conv1": 2, "layer1.0.conv2": 8}
+    (tmp_path / "summary.json").write_text(json.dumps({"groups": groups, "val_acc": 0.5}))
+    assert SearchConfig(fixed_groups=str(tmp_path)).fixed_groups == groups
+    assert SearchConfig(fixed_groups=str(tmp_path / "summary.json")).fixed_groups == groups
+    with pytest.raises(ConfigError, match="search's run folder or summary.json; got 'no/such/run'"):
+        SearchConfig(fixed_groups="no/such/run")
+    (tmp_path / "summary.json").write_text(json.dumps({"val_acc": 0.5}))
+    with pytest.raises(ConfigError, match="records no per-layer groups"):
+        SearchConfig(fixed_groups=str(tmp_path))

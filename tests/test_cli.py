@@ -60,6 +60,12 @@ def test_search_then_report(tmp_path, capsys):
     assert main(["report", str(out)]) == 0
     table = capsys.readouterr().out
     assert "macs_after" in table and "features" in table
+    retrained = tmp_path / "retrained"  # the groups the search found, trained from scratch
+    assert main(["train", "--space", "digits_convnet", "--space-kwargs", SMALL, "--epochs", "2", "--progress", "false",
+                 "--fixed-groups", str(out), "--out", str(retrained)]) == 0
+    found = json.loads((out / "summary.json").read_text())["groups"]
+    assert json.loads((retrained / "summary.json").read_text())["groups"] == found
+    assert json.loads((retrained / "config.json").read_text())["fixed_groups"] == found
 
 
 def test_spaces_lists_registered_spaces(capsys):
