@@ -655,8 +655,10 @@ def test_ignore_takes_a_container_name():
     assert not ChannelPruning(model, (3, 8, 8), ignore=["0"]).prunable()
 
 
-def test_wrong_input_size_and_dtype_are_handled():
+def test_wrong_input_size_and_dtype_are_handled(capfd):
     model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 4, 3))
-    with pytest.raises(ConfigError, match=r"does not run on an input of size \(4, 8, 8\)"):
+    with pytest.raises(ConfigError, match=r"does not run on an input of size \(4, 8, 8\) \(C, H, W\): "
+                                          r"RuntimeError: .*expected input\[1, 4, 8, 8\] to have 3 channels"):
         ChannelPruning(model, (4, 8, 8))
+    assert "Traceback" not in capfd.readouterr().err  # the error says it once, with no traceback printed before
     assert ChannelPruning(model.double(), (3, 8, 8)).prunable()  # the probe input takes the model's dtype

@@ -15,7 +15,9 @@ layers the trace does not know are left alone, so the outputs keep their shape.
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import io
 import math
 import operator
 from dataclasses import dataclass, field
@@ -153,12 +155,13 @@ class ChannelPruning:
                               f"{type(exc).__name__}: {exc}") from exc
         gm = fx.GraphModule(probe, graph)
         like = next(iter(probe.parameters()), torch.zeros(()))
-        try:
-            with torch.no_grad():
+        try:  # ShapeProp prints the traceback of a failing node to stderr before raising: the error says it once
+            with torch.no_grad(), contextlib.redirect_stderr(io.StringIO()):
                 ShapeProp(gm).propagate(torch.zeros(1, *self.input_size, dtype=like.dtype, device=like.device))
         except Exception as exc:
+            cause = exc.__cause__ or exc
             raise ConfigError(f"the model does not run on an input of size {self.input_size} (C, H, W): "
-                              f"{type(exc).__name__}: {exc}") from exc
+                              f"{type(cause).__name__}: {cause}") from exc
         calls: dict[str, int] = {}
         for node in graph.nodes:
             if node.op == "call_module":
