@@ -393,6 +393,9 @@ class SelfGroupingConfig:
     momentum: float = setting(0.9, "SGD momentum")
     weight_decay: float = setting(1e-4, "weight decay (only kept weights exist, so pruned ones never come back)")
     label_smoothing: float = setting(0.0, "label smoothing of the fine-tuning loss (0: none)")
+    distill: float = setting(0.0, "weight of knowledge distillation from the model before the pass (compress: before "
+                             "channel pruning too) in fine-tuning: loss = (1 - w) task + w T^2 KL (0: none)")
+    distill_temperature: float = setting(4.0, "temperature T of the distillation softmaxes")
     cluster_sizes: str = setting("free", "free (plain k-means, as the paper) or equal (k-means then an optimal "
                                  "assignment into clusters of equal size: faster grouped kernels)",
                                  choices=("free", "equal"))
@@ -414,6 +417,9 @@ class SelfGroupingConfig:
         check_field_types(self)
         if not 0 <= self.label_smoothing < 1:
             raise ConfigError(f"label_smoothing must be in [0, 1), got {self.label_smoothing!r}")
+        if not 0 <= self.distill <= 1 or not self.distill_temperature > 0:
+            raise ConfigError(f"distill must be in [0, 1] and distill_temperature > 0, got {self.distill!r} and "
+                              f"{self.distill_temperature!r}")
         if self.budget is not None:
             from nas_grouping.budget import MacBudget
 

@@ -10,6 +10,7 @@ never destroys the last good one.
 
 from __future__ import annotations
 
+import copy
 import os
 import random
 from pathlib import Path
@@ -28,7 +29,7 @@ from nas_grouping.files import atomic_write
 from nas_grouping.runtime import Runtime
 
 __all__ = ["seed_everything", "epoch_loader", "train_epoch", "evaluate", "save_checkpoint", "load_checkpoint",
-           "make_lr_scheduler", "EpochStats"]
+           "make_lr_scheduler", "EpochStats", "Distillation"]
 
 
 def seed_everything(seed: int) -> None:
@@ -103,6 +104,41 @@ class EpochStats(dict):
     """loss, acc and samples of one pass (summed over ranks)."""
 
 
+class Distillation:
+    """Knowledge distillation from a teacher (Hinton et al., 2015), the usual lever to recover accuracy when a
+    compressed model is fine-tuned from the model it came from.
+
+    The loss minimised is ``(1 - weight) * task + weight * T^2 * KL(teacher || student)`` with both softmaxes at
+    temperature ``T``. The teacher is a frozen copy in eval mode, run without gradients on the student's batch.
+    """
+
+    def __init__(self, teacher: nn.Module, *, weight: float = 0.5, temperature: float = 4.0) -> None:
+        if not isinstance(teacher, nn.Module):
+            raise TypeError(f"teacher must be a torch.nn.Module, got {type(teacher).__name__}")
+        if not 0 < weight <= 1:
+            raise ConfigError(f"distillation weight must be in (0, 1], got {weight}")
+        if not temperature > 0:
+            raise ConfigError(f"distillation temperature must be > 0, got {temperature}")
+        self.teacher = copy.deepcopy(teacher).eval().requires_grad_(False)
+        self.weight, self.temperature = float(weight), float(temperature)
+
+    def place(self, rt: Runtime) -> "Distillation":
+        """Put the teacher where the student trains: ``rt``'s device and memory format (never DDP-wrapped)."""
+        self.teacher.to(rt.device)
+        if rt.channels_last:
+            self.teacher.to(memory_format=torch.channels_last)
+        return self
+
+    def loss(self, x: Tensor, logits: Tensor, task: Tensor) -> Tensor:
+        """The distilled loss of a batch ``x`` whose student ``logits`` gave the task loss ``task``."""
+        with torch.no_grad():
+            target = self.teacher(x).float()
+        t = self.temperature
+        kl = F.kl_div(F.log_softmax(logits.float() / t, 1), F.log_softmax(target / t, 1), log_target=True,
+                      reduction="batchmean")
+        return (1 - self.weight) * task + self.weight * t * t * kl
+
+
 def _to_targets(y: Any, rt: Runtime) -> Tensor:
     return torch.as_tensor(y).to(rt.device, non_blocking=True).long()
 
@@ -119,6 +155,7 @@ def train_epoch(
     gate_optimizer: torch.optim.Optimizer | None = None,
     label_smoothing: float = 0.0,
     batch_scheduler: Any = None,
+    distill: Distillation | None = None,
     progress: bool = False,
     desc: str = "train",
 ) -> EpochStats:
@@ -131,6 +168,7 @@ def train_epoch(
             on its own batch).
         label_smoothing: of the training loss (the reported loss is plain cross-entropy).
         batch_scheduler: a learning-rate scheduler stepped after every weight step.
+        distill: a teacher whose outputs the loss also follows (applied before ``loss_hook``).
     """
     model.train()
     total_loss, correct, seen = 0.0, 0, 0
@@ -145,7 +183,8 @@ def train_epoch(
         with rt.autocast():
             out = model(x)
             task = F.cross_entropy(out.float(), y, label_smoothing=label_smoothing)
-        loss = loss_hook(task) if loss_hook is not None else task
+            trained = distill.loss(x, out, task) if distill is not None else task
+        loss = loss_hook(trained) if loss_hook is not None else trained
         if not torch.isfinite(loss):
             raise FloatingPointError(
                 f"{desc}: the loss became {loss.item()} (diverged); lower the learning rate or the regularizer strength"

@@ -184,3 +184,40 @@ def test_a_folder_resumed_with_other_training_settings_is_refused_and_seeds_can_
         run_quality(QualityConfig(**{**first, "epochs": 4}))
     with pytest.raises(ConfigError, match="first_seed"):
         QualityConfig(first_seed=-1)
+
+
+def test_fine_tuning_settings_reach_every_fine_tuning_cell_and_key_it_apart(tmp_path, monkeypatch):
+    from nas_grouping import save_model
+    from search_spaces import get_space
+
+    def dense_run(self, name, seed, **kw):
+        torch.manual_seed(seed)
+        save_model(get_space("digits_convnet", dense=True, **SMALL), self.out / "runs" / name / "model")
+        (self.out / "runs" / name / "summary.json").write_text(json.dumps({"val_acc": 0.1, "epochs": 3}))
+
+        class Run:
+            model = get_space("digits_convnet", dense=True, **SMALL)
+            summary = {"val_acc": 0.1}
+        return Run()
+
+    import nas_grouping.training as training
+
+    teachers = []
+
+    class Spy(training.Distillation):
+        def __init__(self, teacher, **kw):
+            super().__init__(teacher, **kw)
+            teachers.append(kw)
+
+    monkeypatch.setattr(training, "Distillation", Spy)
+    monkeypatch.setattr(quality._Bench, "run_search", dense_run)
+    monkeypatch.setattr(quality._Bench, "costs", lambda self, model, seed: {"macs": 5})
+    bench = quality._Bench(QualityConfig(space_kwargs=SMALL, out=str(tmp_path), sg_epochs=1,
+                                         finetune_settings={"distill": 0.5}, data=DataConfig(batch_size=128)))
+    row = bench.cell("channels", 0.5, 0)
+    assert teachers == [{"weight": 0.5, "temperature": 4.0}]
+    assert row["settings"] == {"finetune": {"distill": 0.5}}
+    assert [p.name.startswith("channels-0.5-0-") for p in (tmp_path / "cells").glob("channels-*.json")] == [True]
+    assert bench.grouping_settings(0.5, 0).distill == 0.5
+    with pytest.raises(ConfigError, match="unknown setting"):
+        QualityConfig(finetune_settings={"distil": 0.5})

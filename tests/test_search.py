@@ -173,3 +173,28 @@ def test_a_search_starts_from_a_trained_models_weights(tmp_path):
     other = save_model(get_space("digits_convnet", dense=True, widths=[8, 8, 8, 16, 16, 16]), tmp_path / "other")
     with pytest.raises(ConfigError, match="do not fit the search space"):
         search_mod._init_weights(base, str(other))
+
+
+def test_distillation_loss_is_the_tempered_kl_to_the_teacher_mixed_with_the_task():
+    import torch.nn.functional as F
+
+    from nas_grouping.training import Distillation
+
+    torch.manual_seed(0)
+    teacher, x = torch.nn.Linear(4, 3), torch.randn(8, 4)
+    student = torch.nn.Linear(4, 3)
+    d = Distillation(teacher, weight=0.25, temperature=2.0)
+    task = torch.tensor(1.5)
+    same = d.loss(x, teacher(x).detach(), task)
+    assert same.item() == pytest.approx(0.75 * 1.5, abs=1e-6)  # a student equal to its teacher: no KL
+    logits = student(x)
+    kl = F.kl_div(F.log_softmax(logits / 2, 1), F.softmax(teacher(x) / 2, 1), reduction="batchmean")
+    loss = d.loss(x, logits, task)
+    assert loss.item() == pytest.approx(0.75 * 1.5 + 0.25 * 4 * kl.item(), rel=1e-5)
+    loss.backward()
+    assert student.weight.grad is not None and teacher.weight.grad is None  # the teacher is a frozen copy
+    for bad in (dict(weight=0.0), dict(weight=1.5), dict(temperature=0.0)):
+        with pytest.raises(ConfigError):
+            Distillation(teacher, **bad)
+    with pytest.raises(TypeError, match="teacher must be"):
+        Distillation("model")

@@ -593,3 +593,27 @@ def test_unreadable_checkpoint_is_a_clear_error(digits, tmp_path):
     (tmp_path / "checkpoint.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(ConfigError, match="not a readable checkpoint"):
         SelfGrouping(_cfg()).run(_digits_net(), digits, out=tmp_path, resume=True)
+
+
+def test_distillation_follows_the_input_model_or_a_given_teacher(digits, monkeypatch):
+    seen = []
+    real = finetune_mod.train_epoch
+
+    def spy(model, loader, rt, **kwargs):
+        seen.append(kwargs["distill"])
+        return real(model, loader, rt, **kwargs)
+
+    monkeypatch.setattr(finetune_mod, "train_epoch", spy)
+    model, other = _digits_net(), _digits_net()
+    torch.nn.init.zeros_(other.fc.weight)
+    SelfGrouping(_cfg(distill=0.7, distill_temperature=2.0)).run(model, digits, batch_size=128)
+    (d,) = seen
+    assert (d.weight, d.temperature) == (0.7, 2.0) and not d.teacher.training
+    assert all(torch.equal(a, b) for a, b in zip(d.teacher.state_dict().values(), model.state_dict().values()))
+    assert not any(p.requires_grad for p in d.teacher.parameters())
+    SelfGrouping(_cfg(distill=0.5)).run(model, digits, batch_size=128, teacher=other)
+    assert all(torch.equal(a, b) for a, b in zip(seen[-1].teacher.state_dict().values(), other.state_dict().values()))
+    SelfGrouping(_cfg()).run(model, digits, batch_size=128)
+    assert seen[-1] is None  # off by default
+    with pytest.raises(ConfigError, match="distill must be in"):
+        _cfg(distill=1.5)

@@ -74,6 +74,9 @@ class QualityConfig:
     search_settings: dict = setting({}, "SearchConfig settings of every search, search_from_dense and pipeline cell, "
                                     "as JSON (e.g. {\"budget_ramp\": 0.5}); cells with other settings "
                                     "are kept apart")
+    finetune_settings: dict = setting({}, "SelfGroupingConfig settings over the protocol's of every fine-tuning "
+                                      "cell (self_grouping, pipeline, channels, torch_pruning*), as JSON (e.g. "
+                                      "{\"distill\": 0.5}); cells with other settings are kept apart")
     quick: bool = setting(False, "2 seeds and the first budget only (a smoke run)")
     out: str = setting("runs/quality", "run folder (resumable: finished cells are not rerun)")
     progress: bool = setting(True, "show progress bars")
@@ -83,8 +86,6 @@ class QualityConfig:
 
     def __post_init__(self) -> None:
         if isinstance(self.data, dict):
-            from nas_grouping.config import config_from_dict
-
             self.data = config_from_dict(DataConfig, self.data)
         apply_protocol_defaults(self)
         if not self.budgets or any(not 0 < float(b) <= 1 for b in self.budgets):
@@ -92,6 +93,8 @@ class QualityConfig:
         unknown = set(self.methods) - set(METHODS)
         if unknown:
             raise ConfigError(f"unknown method(s) {sorted(unknown)}; known: {', '.join(METHODS)}")
+        if self.finetune_settings:
+            config_from_dict(SelfGroupingConfig, dict(self.finetune_settings))  # unknown or bad settings: one line
         if self.seeds < 1 or self.epochs < 3 or self.first_seed < 0:
             raise ConfigError("seeds must be >= 1, first_seed >= 0 and epochs >= 3")
 
@@ -190,7 +193,8 @@ class _Bench:
         settings = {"epochs": self.cfg.sg_epochs}
         if self.cfg.protocol:
             settings = merge_protocol(CompressConfig, {"protocol": self.cfg.protocol}).get("grouping", {})
-        return SelfGroupingConfig(**{**settings, "budget": budget, "seed": seed, "progress": False})
+        return SelfGroupingConfig(**{**settings, **self.cfg.finetune_settings, "budget": budget, "seed": seed,
+                                     "progress": False})
 
     def prune_and_finetune(self, method: str, dense: torch.nn.Module, budget: float, seed: int
                            ) -> tuple[torch.nn.Module, float, dict[str, Any]]:
@@ -198,7 +202,8 @@ class _Bench:
         group-norm importance), then fine-tuned with the self-grouping pass's epochs and schedule."""
         from nas_grouping.channels.pruning import ChannelPruning
         from nas_grouping.runtime import setup_runtime
-        from nas_grouping.training import epoch_loader, evaluate, make_lr_scheduler, seed_everything, train_epoch
+        from nas_grouping.training import (Distillation, epoch_loader, evaluate, make_lr_scheduler, seed_everything,
+                                           train_epoch)
 
         budget_macs = int(budget * count_macs(dense, self.size))
         if method == "channels":
@@ -215,10 +220,12 @@ class _Bench:
         opt = torch.optim.SGD(model.parameters(), lr=g.lr, momentum=g.momentum, weight_decay=g.weight_decay,
                               nesterov=g.momentum > 0)
         scheduler, _ = make_lr_scheduler(opt, "cosine", epochs=g.epochs, steps_per_epoch=1)
+        distill = (Distillation(dense, weight=g.distill, temperature=g.distill_temperature).place(rt)
+                   if g.distill > 0 else None)
         for epoch in range(g.epochs):
             loader = epoch_loader(self.ds.train, rt, batch_size=self.cfg.data.batch_size, train=True, seed=seed,
                                   epoch=epoch)
-            train_epoch(model, loader, rt, weight_optimizer=opt, label_smoothing=g.label_smoothing)
+            train_epoch(model, loader, rt, weight_optimizer=opt, label_smoothing=g.label_smoothing, distill=distill)
             scheduler.step()
         acc = evaluate(model, epoch_loader(self.ds.val, rt, batch_size=256, train=False, seed=0, epoch=0), rt)["acc"]
         return model.cpu().eval(), acc, {"pruning_ratio": ratio, "finetune_epochs": g.epochs}
@@ -226,7 +233,10 @@ class _Bench:
     def cell(self, method: str, budget: float | None, seed: int) -> dict[str, Any]:
         key = f"{method}-{'dense' if budget is None else budget}-{seed}"
         searching = method in ("search", "search_from_dense", "search_retrain", "pipeline")
-        settings = dict(self.cfg.search_settings) if searching else {}
+        search_kw = dict(self.cfg.search_settings) if searching else {}
+        settings = dict(search_kw)
+        if method in ("self_grouping", "pipeline", *PRUNE_AND_FINETUNE) and self.cfg.finetune_settings:
+            settings["finetune"] = dict(self.cfg.finetune_settings)
         if settings:
             key += "-" + hashlib.sha1(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:8]
         path = self.cells / f"{key}.json"
@@ -249,12 +259,12 @@ class _Bench:
             model, acc = r.model, r.summary["val_acc"]
             row["groups"] = found[0]
         elif method == "search":
-            r = self.run_search(key, seed, budget=budget, **settings)
+            r = self.run_search(key, seed, budget=budget, **search_kw)
             model, acc = r.model, r.summary["val_acc"]
         elif method == "search_from_dense":  # the search starts from this seed's trained dense model
             self.cell("dense", None, seed)
             dense_run = self.out / "runs" / f"dense-dense-{seed}"
-            r = self.run_search(key, seed, budget=budget, init_from=str(dense_run), **settings)
+            r = self.run_search(key, seed, budget=budget, init_from=str(dense_run), **search_kw)
             model, acc = r.model, r.summary["val_acc"]
             row["epochs_total"] = r.summary["epochs"] + json.loads((dense_run / "summary.json").read_text())["epochs"]
         elif method == "search_retrain":  # the searched groups trained from scratch as uniform groups are
@@ -280,7 +290,7 @@ class _Bench:
             dense = load_model(self.out / "runs" / f"dense-dense-{seed}" / "model")
             model, acc = self.self_group(dense, budget, seed)
         else:  # pipeline: search at twice the budget, then self-group down to it
-            r = self.run_search(key, seed, budget=min(1.0, 2 * budget), **settings)
+            r = self.run_search(key, seed, budget=min(1.0, 2 * budget), **search_kw)
             target = int(budget * r.summary["dense_macs"])
             model, acc = self.self_group(r.model, target, seed)
         self.keep_model(key, model)
@@ -369,7 +379,7 @@ def _check_folder(cfg: QualityConfig, out: Path) -> None:
 
 def _all_cells(cells: Path) -> pd.DataFrame:
     """Every cell written to the folder (by this run, earlier ones or other processes); cells run with
-    search_settings are labelled by them, so they never pool with the default ones."""
+    search_settings or finetune_settings are labelled by them, so they never pool with the default ones."""
     rows = [json.loads(p.read_text()) for p in sorted(cells.glob("*.json"))]
     for row in rows:
         if row.get("settings"):

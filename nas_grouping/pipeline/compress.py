@@ -509,7 +509,7 @@ def _announce(run: _CompressRun) -> None:
 def _group(run: _CompressRun) -> SelfGroupingResult:
     """The self-grouping pass and its fine-tuning, checkpointed in the run folder (continued with ``resume``)."""
     return run.sg.run(run.narrowed, run.ds, batch_size=run.cfg.data.batch_size, rt=run.rt, out=run.out,
-                      resume=run.resume, plan=run.plan)
+                      resume=run.resume, plan=run.plan, teacher=run.original)
 
 
 def _measure(run: _CompressRun, result: SelfGroupingResult) -> _Measured:

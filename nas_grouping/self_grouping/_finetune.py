@@ -28,7 +28,8 @@ from nas_grouping.export.model import replace_layer
 from nas_grouping.macs import count_macs
 from nas_grouping.ops.diverse_group import DiverseGroupConv2d, DiverseGroupLinear
 from nas_grouping.runtime import Runtime, setup_runtime
-from nas_grouping.training import epoch_loader, evaluate, load_checkpoint, save_checkpoint, seed_everything, train_epoch
+from nas_grouping.training import (Distillation, epoch_loader, evaluate, load_checkpoint, save_checkpoint, seed_everything,
+                                   train_epoch)
 
 if TYPE_CHECKING:
     from nas_grouping.data import Datasets
@@ -95,7 +96,8 @@ def _check_resume(saved: dict[str, Any], now: dict[str, Any], out: Path) -> None
 
 
 def run_schedule(sg: "SelfGrouping", model: nn.Module, data: "Datasets", *, batch_size: int, rt: Runtime | None,
-                 out: str | Path | None, resume: bool, plan: "GroupingPlan | None") -> "SelfGroupingResult":
+                 out: str | Path | None, resume: bool, plan: "GroupingPlan | None",
+                 teacher: nn.Module | None = None) -> "SelfGroupingResult":
     """See :meth:`nas_grouping.self_grouping.grouping.SelfGrouping.run`."""
     from nas_grouping.self_grouping.grouping import OUTCOMES_ATTR, LayerOutcome, SelfGroupingResult
 
@@ -120,6 +122,8 @@ def run_schedule(sg: "SelfGrouping", model: nn.Module, data: "Datasets", *, batc
         raise ConfigError("resume=True needs out= (the folder holding the checkpoint)")
 
     val_loader = epoch_loader(data.val, rt, batch_size=256, train=False, seed=0, epoch=0)
+    distill = (Distillation(teacher if teacher is not None else model, weight=cfg.distill,
+                            temperature=cfg.distill_temperature).place(rt) if cfg.distill > 0 else None)
     history: list[dict[str, Any]] = []
     outcomes: list[LayerOutcome] = []
     position, epoch_in_phase, epochs_done = 0, 0, 0
@@ -202,7 +206,7 @@ def run_schedule(sg: "SelfGrouping", model: nn.Module, data: "Datasets", *, batc
                                   epoch=epochs_done)
             lr = opt.param_groups[0]["lr"]
             stats = train_epoch(wrapped, loader, rt, weight_optimizer=opt, progress=show,
-                                label_smoothing=cfg.label_smoothing,
+                                label_smoothing=cfg.label_smoothing, distill=distill,
                                 desc=f"step {step}/{cfg.steps} {kind} epoch {epoch + 1}/{n}")
             sched.step()
             epochs_done += 1

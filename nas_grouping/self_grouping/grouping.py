@@ -479,18 +479,20 @@ class SelfGrouping:
 
     # ------------------------------------------------------------------- run
     def run(self, model: nn.Module, data: "Datasets", *, batch_size: int = 64, rt: "Runtime | None" = None,
-            out: str | Path | None = None, resume: bool = False, plan: GroupingPlan | None = None
-            ) -> SelfGroupingResult:
+            out: str | Path | None = None, resume: bool = False, plan: GroupingPlan | None = None,
+            teacher: nn.Module | None = None) -> SelfGroupingResult:
         """The progressive schedule with fine-tuning on ``data`` (train and val splits).
 
         Every step re-clusters the current weights and prunes every planned layer ``j/steps`` of
         the way to its target; "local+global" then trains only the just-pruned layers for
         ``local_epochs``, and every scheme but "none" trains all weights. With ``out`` the state
         is checkpointed atomically after every pruning and epoch, and ``resume=True`` continues it.
+        With ``distill`` > 0 fine-tuning also follows ``teacher``'s outputs (default: ``model`` as given).
         """
         from nas_grouping.self_grouping._finetune import run_schedule
 
-        return run_schedule(self, model, data, batch_size=batch_size, rt=rt, out=out, resume=resume, plan=plan)
+        return run_schedule(self, model, data, batch_size=batch_size, rt=rt, out=out, resume=resume, plan=plan,
+                            teacher=teacher)
 
 
 def self_group(model: nn.Module, config: "SelfGroupingConfig | None" = None, *,
