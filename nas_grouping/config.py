@@ -155,14 +155,16 @@ class SearchConfig:
 
 
 def parse_list_settings(cfg: Any, fields: Sequence[tuple[str, Callable[[str], Any]]]) -> None:
-    """Turn comma-separated strings ("1,32") of list settings into lists of ``cast`` values, in place."""
+    """Turn the strings of list settings, comma-separated ("1,32") or JSON ("[1, 32]", as list settings take
+    elsewhere), into lists of ``cast`` values, in place."""
     for name, cast in fields:
         value = getattr(cfg, name)
         if isinstance(value, str):
             try:
-                value = [cast(v.strip()) for v in value.split(",") if v.strip()]
+                items = json.loads(value) if value.strip().startswith("[") else value.split(",")
+                value = [cast(str(v).strip()) for v in items if str(v).strip()]
             except ValueError:
-                raise ConfigError(f"{name}: expected a comma-separated list, got {value!r}") from None
+                raise ConfigError(f"{name}: expected a comma-separated or JSON list, got {value!r}") from None
         setattr(cfg, name, list(value))
 
 
@@ -522,10 +524,8 @@ class CompressConfig:
         self.channels = _channel_share(self.channels, self.grouping)
         batches = self.latency_batches
         if isinstance(batches, str):
-            try:
-                batches = [int(b) for b in batches.split(",") if b.strip()]
-            except ValueError:
-                raise ConfigError(f"latency_batches: expected comma-separated batch sizes, got {batches!r}") from None
+            parse_list_settings(self, (("latency_batches", int),))
+            batches = self.latency_batches
         if not isinstance(batches, (list, tuple)) or any(isinstance(b, bool) or not isinstance(b, int) or b < 1
                                                          for b in batches):
             raise ConfigError(f"latency_batches: expected a list of batch sizes >= 1, got {batches!r}")

@@ -164,6 +164,9 @@ def test_compress_config_and_flags():
         CompressConfig(arch="resnet18")
     with pytest.raises(ConfigError, match="latency_batches"):
         CompressConfig(model="a", latency_batches="1,x")
+    with pytest.raises(ConfigError, match="latency_batches"):
+        CompressConfig(model="a", latency_batches="[1, 0]")
+    assert CompressConfig(model="a", latency_batches="[1, 32]").latency_batches == [1, 32]  # JSON, as lists elsewhere
     args = build_parser().parse_args([
         "compress", "--model", "m", "--budget", "12M", "--clusters", '{"layer3.*": 8, "*": "upto:16"}',
         "--exclude", "layer4.*,fc", "--finetune", "local+global", "--batch-size", "32", "--latency-batches", "1,32"])
