@@ -221,3 +221,27 @@ def test_fine_tuning_settings_reach_every_fine_tuning_cell_and_key_it_apart(tmp_
     assert bench.grouping_settings(0.5, 0).distill == 0.5
     with pytest.raises(ConfigError, match="unknown setting"):
         QualityConfig(finetune_settings={"distil": 0.5})
+
+
+def test_a_cell_another_process_trains_is_skipped_and_a_dead_process_lock_is_taken_over(tmp_path, monkeypatch, caplog):
+    import os
+    import socket
+
+    _fake_searches(monkeypatch, {"val_acc": 0.5, "epochs": 3, "dense_macs": 10})
+    monkeypatch.setattr(quality._Bench, "costs", lambda self, model, seed: {"macs": 5})
+    cfg = QualityConfig(space_kwargs=SMALL, budgets=[0.5], epochs=3, methods=["dense"], out=str(tmp_path),
+                        progress=False, seeds=2)
+    (tmp_path / "cells").mkdir()
+    host = socket.gethostname()
+    (tmp_path / "cells" / "dense-dense-0.lock").write_text(json.dumps({"pid": os.getppid(), "host": host}))
+    (tmp_path / "cells" / "dense-dense-1.lock").write_text(json.dumps({"pid": 2**22 + 17, "host": host}))
+    with caplog.at_level("WARNING"):
+        table = run_quality(cfg)
+    assert "cell dense-dense-0 is being run by process" in caplog.text  # alive: skipped, its lock kept
+    assert (tmp_path / "cells" / "dense-dense-0.lock").is_file()
+    assert not (tmp_path / "cells" / "dense-dense-0.json").exists()
+    assert (tmp_path / "cells" / "dense-dense-1.json").is_file()  # its process is gone: taken over and trained
+    assert not (tmp_path / "cells" / "dense-dense-1.lock").exists() and int(table["seeds"].iloc[0]) == 1
+    (tmp_path / "cells" / "dense-dense-1.json").unlink()
+    (tmp_path / "cells" / "dense-dense-1.lock").write_text(json.dumps({"pid": os.getppid(), "host": host}))
+    assert run_quality(cfg).empty  # every cell busy elsewhere: no table yet, and no error

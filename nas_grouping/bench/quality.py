@@ -27,6 +27,8 @@ import hashlib
 import io
 import json
 import logging
+import os
+import socket
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -149,6 +151,52 @@ def cost_fields(model: torch.nn.Module, dense: torch.nn.Module, input_size: tupl
     return row
 
 
+class CellBusy(ConfigError):
+    """A cell another process (sharing the run folder) is training."""
+
+
+class _CellLock:
+    """An exclusive lock file (pid and host inside) held while a cell trains."""
+
+    def __init__(self, path: Path, key: str) -> None:
+        self.path, self.key = path, key
+
+    def __enter__(self) -> "_CellLock":
+        me = {"pid": os.getpid(), "host": socket.gethostname()}
+        for _ in range(2):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            except FileExistsError:
+                try:
+                    holder = json.loads(self.path.read_text())
+                except (OSError, ValueError):
+                    holder = {}
+                if holder.get("host") == me["host"] and not _alive(holder.get("pid")):
+                    self.path.unlink(missing_ok=True)  # its process is gone: take the cell over
+                    continue
+                raise CellBusy(f"cell {self.key} is being run by process {holder.get('pid')} on "
+                               f"{holder.get('host')} ({self.path}; delete it if that process is gone)") from None
+            with os.fdopen(fd, "w") as f:
+                json.dump(me, f)
+            return self
+        raise ConfigError(f"cell {self.key}: could not take its lock {self.path}")
+
+    def __exit__(self, *exc: Any) -> None:
+        self.path.unlink(missing_ok=True)
+
+
+def _alive(pid: Any) -> bool:
+    if not isinstance(pid, int) or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 class _Bench:
     def __init__(self, cfg: QualityConfig) -> None:
         self.cfg = cfg
@@ -242,6 +290,16 @@ class _Bench:
         path = self.cells / f"{key}.json"
         if path.is_file():
             return self.with_costs(key, path)
+        with self._claim(key):
+            return self._train_cell(key, path, method, budget, seed, settings, search_kw)
+
+    def _claim(self, key: str) -> contextlib.AbstractContextManager:
+        """Hold a cell while it trains, so two processes sharing the folder never write the same run (its
+        checkpoint) at once; a lock left by a process of this machine that is gone is taken over."""
+        return _CellLock(self.cells / f"{key}.lock", key)
+
+    def _train_cell(self, key: str, path: Path, method: str, budget: float | None, seed: int,
+                    settings: dict[str, Any], search_kw: dict[str, Any]) -> dict[str, Any]:
         start = time.perf_counter()
         row: dict[str, Any] = {"method": method, "budget": budget, "seed": seed, **({"settings": settings}
                                                                                    if settings else {})}
@@ -396,8 +454,14 @@ def run_quality(cfg: QualityConfig) -> pd.DataFrame:
     write_json(bench.out / "config.json", config_to_dict(cfg))
     todo = bench.plan()
     for method, budget, seed in tqdm(todo, desc="cells", disable=not cfg.progress, dynamic_ncols=True):
-        bench.cell(method, budget, seed)
+        try:
+            bench.cell(method, budget, seed)
+        except CellBusy as exc:  # another process trains it: the table takes it once it is written
+            logger.warning("%s: skipped here", exc)
     cells = _all_cells(bench.cells)
+    if cells.empty:  # every planned cell is being trained elsewhere
+        logger.warning("no finished cell in %s yet: no table", bench.out)
+        return pd.DataFrame()
     cells.to_csv(bench.out / "cells.csv", index=False)
     ok = cells[cells["status"] == "ok"].copy()
     ok["budget"] = ok["budget"].fillna(1.0)
