@@ -167,9 +167,15 @@ def _cmd_report(args: argparse.Namespace) -> int:
     run = Path(args.run_dir)
     job = run_job(run) if run.is_dir() else None
     if job is None:
-        raise ConfigError(f"{run} is not a run folder of nas-grouping (search, train, compress, hybrid or tune --out)")
+        raise ConfigError(f"{run} is not a run folder of nas-grouping (search, train, compress, hybrid, tune or bench "
+                          "quality --out)")
     if job == "tune":
         print(print_tuning_run(run))
+        return 0
+    if job == "bench-quality":
+        from nas_grouping.bench.quality import format_quality_table, summarize_quality
+
+        print(f"run {run}\n{format_quality_table(summarize_quality(run))}")
         return 0
     if not (run / "summary.json").is_file():
         raise ConfigError(f"{run} holds a {job} run that has not finished (no summary.json yet): resume it with "
@@ -206,10 +212,9 @@ def _cmd_hybrid(args: argparse.Namespace) -> int:
 
 
 def _cmd_quality(args: argparse.Namespace) -> int:
-    from nas_grouping.bench.quality import QualityConfig, run_quality
+    from nas_grouping.bench.quality import QualityConfig, format_quality_table, run_quality
 
-    table = run_quality(config_from_args(QualityConfig, args))
-    print(table.to_string(index=False))
+    print(format_quality_table(run_quality(config_from_args(QualityConfig, args))))
     return 0
 
 

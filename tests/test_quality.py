@@ -169,7 +169,8 @@ def test_search_retrain_trains_the_searched_groups_from_scratch(tmp_path, monkey
     assert row["groups"] == groups and row["epochs_total"] == 8
 
 
-def test_a_folder_resumed_with_other_training_settings_is_refused_and_seeds_can_be_split(tmp_path, monkeypatch):
+def test_a_folder_resumed_with_other_training_settings_is_refused_and_seeds_can_be_split(tmp_path, monkeypatch,
+                                                                                         capsys):
     _fake_searches(monkeypatch, {"val_acc": 0.5, "epochs": 3, "dense_macs": 10})
     monkeypatch.setattr(quality._Bench, "costs", lambda self, model, seed: {"macs": 5})
     first = dict(space_kwargs=SMALL, budgets=[0.5], epochs=3, methods=["dense", "uniform"], out=str(tmp_path),
@@ -182,6 +183,17 @@ def test_a_folder_resumed_with_other_training_settings_is_refused_and_seeds_can_
     assert int(table[table["method"] == "dense"]["seeds"].iloc[0]) == 2
     with pytest.raises(ConfigError, match=r"epochs=3 \(now 4\)"):
         run_quality(QualityConfig(**{**first, "epochs": 4}))
+    from nas_grouping.cli import main
+
+    assert main(["report", str(tmp_path)]) == 0  # the table again, from the cells, nothing trained
+    printed = capsys.readouterr().out.splitlines()
+    assert printed[1].split()[:3] == ["method", "budget", "seeds"]
+    assert printed[2].split()[:4] == ["dense", "dense", "2", "0.5000"]
+    search_run = tmp_path.parent / "a-search"
+    search_run.mkdir()
+    (search_run / "run.json").write_text(json.dumps({"job": "search"}))
+    with pytest.raises(ConfigError, match="holds a search run"):  # never written over another job's run
+        run_quality(QualityConfig(**{**first, "out": str(search_run)}))
     with pytest.raises(ConfigError, match="first_seed"):
         QualityConfig(first_seed=-1)
 

@@ -42,11 +42,13 @@ from nas_grouping.config import (PROTOCOL_HELP, CompressConfig, SearchConfig, Se
                                  config_to_dict, setting)
 from nas_grouping.data import DataConfig, load_datasets
 from nas_grouping.errors import ConfigError
+from nas_grouping.files import claim_run_folder
 from nas_grouping.macs import count_macs, count_parameters, mac_counts
 from nas_grouping.protocols import apply_protocol_defaults, merge_protocol
 from nas_grouping.report import write_json
 
-__all__ = ["QualityConfig", "run_quality", "uniform_groups_for_budget", "cost_fields", "PUBLISHED"]
+__all__ = ["QualityConfig", "run_quality", "summarize_quality", "format_quality_table", "uniform_groups_for_budget",
+           "cost_fields", "PUBLISHED", "CellBusy"]
 
 logger = logging.getLogger(__name__)
 
@@ -450,6 +452,7 @@ def run_quality(cfg: QualityConfig) -> pd.DataFrame:
     may share the folder, each with its own seeds) and writes CSV, JSON and a plot there."""
     out = Path(cfg.out)
     _check_folder(cfg, out)
+    claim_run_folder(out, "bench-quality")
     bench = _Bench(cfg)
     write_json(bench.out / "config.json", config_to_dict(cfg))
     todo = bench.plan()
@@ -458,11 +461,19 @@ def run_quality(cfg: QualityConfig) -> pd.DataFrame:
             bench.cell(method, budget, seed)
         except CellBusy as exc:  # another process trains it: the table takes it once it is written
             logger.warning("%s: skipped here", exc)
-    cells = _all_cells(bench.cells)
+    return summarize_quality(bench.out)
+
+
+def summarize_quality(out: str | Path) -> pd.DataFrame:
+    """The table of every finished cell of a quality run folder (mean, spread and seeds per method and budget,
+    MACs, speed-ups, the change against dense), written beside them as cells.csv, table.csv, summary.json and
+    quality.png; nothing is trained (``nas-grouping report`` on the folder prints it)."""
+    out = Path(out)
+    cells = _all_cells(out / "cells")
     if cells.empty:  # every planned cell is being trained elsewhere
-        logger.warning("no finished cell in %s yet: no table", bench.out)
+        logger.warning("no finished cell in %s yet: no table", out)
         return pd.DataFrame()
-    cells.to_csv(bench.out / "cells.csv", index=False)
+    cells.to_csv(out / "cells.csv", index=False)
     ok = cells[cells["status"] == "ok"].copy()
     ok["budget"] = ok["budget"].fillna(1.0)
     for column in ("executed_macs", "params", *(f"speedup_b{b}" for b in LATENCY_BATCHES)):
@@ -479,11 +490,37 @@ def run_quality(cfg: QualityConfig) -> pd.DataFrame:
         table["executed_fraction"] = table["executed_macs_mean"] / dense_macs
         dense_acc = float(table[table["method"] == "dense"]["acc_mean"].iloc[0])
         table["acc_change_points"] = 100 * (table["acc_mean"] - dense_acc)
-    table.to_csv(bench.out / "table.csv", index=False)
+    table.to_csv(out / "table.csv", index=False)
     skipped = cells[cells["status"] != "ok"][["method", "budget", "seed", "status"]].to_dict("records")
-    write_json(bench.out / "summary.json", {"table": table.to_dict("records"), "skipped": skipped})
-    _plot(table, bench.out / "quality.png")
+    write_json(out / "summary.json", {"table": table.to_dict("records"), "skipped": skipped})
+    _plot(table, out / "quality.png")
     return table
+
+
+def _share(v: Any) -> str:
+    return "-" if pd.isna(v) else f"{100 * v:.1f}%"
+
+
+def _times(v: Any) -> str:
+    return "-" if pd.isna(v) else f"{v:.2f}x"
+
+
+def format_quality_table(table: pd.DataFrame) -> str:
+    """One line per method and budget: accuracy mean ± std over its seeds, the change against dense in points,
+    structural and executed MACs as shares of dense, and the measured speed-ups at batch 1 and 32."""
+    if table.empty:
+        return "no finished cell yet"
+    nan = float("nan")
+    lines = [f"{'method':<34} {'budget':>6} {'seeds':>5} {'accuracy':>17} {'vs dense':>8} {'MACs':>6} "
+             f"{'executed':>8} {'b1':>6} {'b32':>6}"]
+    for r in table.sort_values(["budget", "method"], ascending=[False, True]).itertuples():
+        accuracy = f"{r.acc_mean:.4f}" + ("" if pd.isna(r.acc_std) else f" ± {r.acc_std:.4f}")
+        change = getattr(r, "acc_change_points", nan)
+        lines.append(f"{r.method:<34} {'dense' if r.budget == 1 else f'{r.budget:g}':>6} {r.seeds:>5} "
+                     f"{accuracy:>17} {'-' if pd.isna(change) else f'{change:+.2f}':>8} "
+                     f"{_share(getattr(r, 'macs_fraction', nan)):>6} {_share(getattr(r, 'executed_fraction', nan)):>8} "
+                     f"{_times(r.speedup_b1):>6} {_times(r.speedup_b32):>6}")
+    return "\n".join(lines)
 
 
 def _plot(table: pd.DataFrame, path: Path) -> None:
