@@ -111,6 +111,11 @@ def test_validation_is_a_seeded_stratified_split_recorded_with_the_run(tmp_path)
     assert sorted(int(y) for y in a.val.targets) == list(range(10))
     half = _load(data_dir, val_fraction=0.5)
     assert (len(half.train), len(half.val)) == (50, 50)
+    held = _load(data_dir, holdout=True)  # for tuning: the reported split set aside, another validates
+    assert held.split["holdout"] and held.split["reported_val_set_aside"] == 10
+    assert (held.split["train"], held.split["val"]) == (80, 10)
+    assert not set(held.split["val_indices"]) & set(a.split["val_indices"])
+    assert held.split["val_per_class"] == dict.fromkeys(CIFAR10_CLASSES, 1)
 
 
 def test_damaged_tarball_is_one_clear_error(tmp_path):

@@ -292,6 +292,8 @@ def test_cifar10_loads_small_files_in_real_format(tmp_path, bytes_keys):
     key = b"labels" if bytes_keys else "labels"
     assert [ds.val[i][1] for i in range(20)] == expected[key]
     assert ds.train.classes[0] == "airplane"
+    with pytest.raises(ConfigError, match="holdout: cifar10 here is the python-pickle release"):
+        load_datasets(DataConfig(dataset="cifar10", data_dir=str(tmp_path), holdout=True))
 
 
 def test_cifar10_validation_pixels_match_file(tmp_path):
@@ -487,3 +489,27 @@ def test_imagefolder_train_without_val_is_rejected(tmp_path):
     with pytest.raises(DataError, match="no val/") as info:
         load_datasets(DataConfig(dataset="imagefolder", data_dir=str(tmp_path), image_size=8))
     assert str(tmp_path.resolve() / "val") in str(info.value)
+
+
+def test_holdout_sets_the_reported_split_aside_and_validates_on_another_of_its_size(digits, tmp_path):
+    held = load_datasets(DataConfig(dataset="digits", holdout=True))
+    reported = set(digits.val.indices)
+    assert len(held.val) == len(digits.val) and len(held.train) == len(digits.train) - len(digits.val)
+    seen = set(held.train.indices) | set(held.val.indices)
+    assert not seen & reported  # the reported split is never loaded
+    assert not set(held.train.indices) & set(held.val.indices)
+    counts = np.bincount(held.val.targets.numpy(), minlength=10)
+    assert counts.min() >= 33 and counts.max() <= 39  # stratified too
+    assert load_datasets(DataConfig(dataset="digits", holdout=True)).val.indices == held.val.indices
+    write_images(tmp_path / "sf", {"a": 10, "b": 10})
+    single = load_datasets(DataConfig(dataset="imagefolder", data_dir=str(tmp_path / "sf"), image_size=8,
+                                      val_fraction=0.2))
+    hsingle = load_datasets(DataConfig(dataset="imagefolder", data_dir=str(tmp_path / "sf"), image_size=8,
+                                       val_fraction=0.2, holdout=True))
+    assert not (set(hsingle.train.indices) | set(hsingle.val.indices)) & set(single.val.indices)
+    write_images(tmp_path / "tv" / "train", {"cat": 2, "dog": 2})
+    write_images(tmp_path / "tv" / "val", {"cat": 1, "dog": 1}, seed=1)
+    with pytest.raises(ConfigError, match="holdout: imagefolder in .* ships its own val/ folder"):
+        load_datasets(DataConfig(dataset="imagefolder", data_dir=str(tmp_path / "tv"), holdout=True))
+    with pytest.raises(ConfigError, match="holdout: expected true or false"):
+        DataConfig(holdout="yes")

@@ -419,8 +419,8 @@ class _Bench:
 
 #: the settings every cell of a run folder was trained with; the methods, budgets and seeds may differ per run
 _FOLDER_SETTINGS = ("space", "space_kwargs", "epochs", "sg_epochs", "protocol")
-_FOLDER_DATA_SETTINGS = ("dataset", "batch_size", "val_fraction", "split_seed", "augment", "crop_padding", "cutout",
-                         "image_size")
+_FOLDER_DATA_SETTINGS = ("dataset", "batch_size", "val_fraction", "split_seed", "holdout", "augment", "crop_padding",
+                         "cutout", "image_size")
 
 
 def _check_folder(cfg: QualityConfig, out: Path) -> None:

@@ -32,7 +32,7 @@ from torchvision.datasets.vision import VisionDataset
 
 from nas_grouping.data.config import DataConfig, Datasets, require_data_dir
 from nas_grouping.data.memory import ImageTensorDataset
-from nas_grouping.data.splits import split_indices
+from nas_grouping.data.splits import refuse_holdout, validation_indices
 from nas_grouping.errors import DataError
 
 __all__ = ["CIFAR10_CLASSES", "load_cifar", "read_cifar10_jpeg"]
@@ -204,7 +204,9 @@ def load_cifar(cfg: DataConfig) -> Datasets:
     folder = root / plain_cls.base_folder
     needed = [name for name, _ in plain_cls.train_list + plain_cls.test_list] + [plain_cls.meta["filename"]]
 
+    why = "here is the python-pickle release, whose test batch is the validation split"
     if cfg.download:
+        refuse_holdout(cfg, why)
         train, val = _downloaded(cfg, root, plain_cls, label)
         train_data = np.asarray(train.data).transpose((0, 3, 1, 2))
         val_data = np.asarray(val.data).transpose((0, 3, 1, 2))
@@ -238,6 +240,7 @@ def load_cifar(cfg: DataConfig) -> Datasets:
                 f"{label} is incomplete: '{folder}' lacks {', '.join(missing)} "
                 f"(looked for {', '.join(str(folder / m) for m in missing)}). {hint}."
             )
+        refuse_holdout(cfg, why)
         train = checked_cls(str(root), train=True)
         val = checked_cls(str(root), train=False)
         train_data, val_data = train.data, val.data
@@ -334,11 +337,11 @@ def read_cifar10_jpeg(source: str | os.PathLike) -> tuple[torch.Tensor, torch.Te
 def _load_cifar10_jpeg(cfg: DataConfig, source: Path) -> Datasets:
     logger.info("decoding the CIFAR-10 JPEG copy in %s", source)
     images, labels = read_cifar10_jpeg(source)
-    train_idx, val_idx = split_indices(len(labels), float(cfg.val_fraction), cfg.split_seed, labels.numpy())
+    train_idx, val_idx, holdout = validation_indices(cfg, len(labels), labels.numpy())
     counts = np.bincount(labels[val_idx].numpy(), minlength=10)
     split = {"source": str(source), "images": len(labels), "kind": "stratified", "seed": cfg.split_seed,
              "val_fraction": cfg.val_fraction, "train": len(train_idx), "val": len(val_idx),
-             "val_per_class": dict(zip(CIFAR10_CLASSES, counts.tolist())), "val_indices": val_idx}
+             "val_per_class": dict(zip(CIFAR10_CLASSES, counts.tolist())), **holdout, "val_indices": val_idx}
     classes = list(CIFAR10_CLASSES)
     return Datasets(
         train=_in_memory(images[train_idx], labels[train_idx], cfg, classes, train=True),

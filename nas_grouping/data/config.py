@@ -73,6 +73,11 @@ class DataConfig:
             separate validation split (``digits``, single-folder ``imagefolder``,
             the CIFAR JPEG copy); default 0.2, or 0.1 for CIFAR (45,000 / 5,000).
         split_seed: Seed of that train/validation split.
+        holdout: Set the validation split (val_fraction, split_seed) aside unseen and validate on
+            a second one of the same size, carved from the remaining training images with seed
+            split_seed + 1: the split to tune on (nas-grouping tune), so the reported one never
+            steers a choice.
+            Only for data sets whose validation is carved from the training images.
         augment: Random crops/flips/shifts on the training split.
         crop_padding: CIFAR: pixels of zero padding around each training image
             before a random 32x32 crop (4, the usual; 0 turns crops off).
@@ -92,6 +97,7 @@ class DataConfig:
     num_workers: int = 0
     val_fraction: float | None = None
     split_seed: int = 0
+    holdout: bool = False
     augment: bool = True
     crop_padding: int = 4
     cutout: int = 0
@@ -124,6 +130,8 @@ class DataConfig:
                 raise ConfigError(f"DataConfig.{name}: expected an integer number of pixels in 0..32, got {value!r}")
         if not _is_int(self.split_seed):
             raise ConfigError(f"DataConfig.split_seed: expected an integer, got {self.split_seed!r}")
+        if not isinstance(self.holdout, bool):
+            raise ConfigError(f"DataConfig.holdout: expected true or false, got {self.holdout!r}")
         if self.image_size is not None:
             if not _is_int(self.image_size) or self.image_size < 1:
                 raise ConfigError(

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset
 
 from nas_grouping.data.config import DataConfig, Datasets
-from nas_grouping.data.splits import split_indices
+from nas_grouping.data.splits import validation_indices
 from nas_grouping.errors import ConfigError
 
 __all__ = ["DigitsDataset", "load_digits"]
@@ -77,7 +77,7 @@ def load_digits(cfg: DataConfig) -> Datasets:
     bunch = sklearn_digits()
     images = torch.as_tensor(bunch.images, dtype=torch.float32).unsqueeze(1) / 16.0  # (N, 1, 8, 8) in [0, 1]
     labels = torch.as_tensor(bunch.target, dtype=torch.long)
-    train_idx, val_idx = split_indices(len(labels), cfg.val_fraction, cfg.split_seed, bunch.target)
+    train_idx, val_idx, _ = validation_indices(cfg, len(labels), bunch.target)
     train_x, val_x = images[train_idx], images[val_idx]
     mean = float(train_x.mean())
     std = float(train_x.std()) or 1.0

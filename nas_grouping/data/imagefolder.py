@@ -12,7 +12,7 @@ from torch.utils.data import Dataset, Subset
 from torchvision.datasets import ImageFolder
 
 from nas_grouping.data.config import DataConfig, Datasets, require_data_dir
-from nas_grouping.data.splits import split_indices
+from nas_grouping.data.splits import refuse_holdout, validation_indices
 from nas_grouping.errors import DataError
 
 __all__ = ["load_imagefolder"]
@@ -130,6 +130,7 @@ def load_imagefolder(cfg: DataConfig) -> Datasets:
             f"only class subfolders, to be split by val_fraction. Add {absent}/ or rename {present}/."
         )
     if has_train and has_val:
+        refuse_holdout(cfg, f"in {root} ships its own val/ folder")
         train = _image_folder(root / "train", train_tf, "training split", cfg.check_images)
         val = _image_folder(root / "val", val_tf, "validation split", cfg.check_images)
         if train.classes != val.classes:
@@ -143,9 +144,7 @@ def load_imagefolder(cfg: DataConfig) -> Datasets:
         classes = train.classes
     else:
         base = _image_folder(root, None, "split into train/val by val_fraction", cfg.check_images)
-        train_idx, val_idx = split_indices(
-            len(base), cfg.val_fraction, cfg.split_seed, np.asarray(base.targets)
-        )
+        train_idx, val_idx, _ = validation_indices(cfg, len(base), np.asarray(base.targets))
         train = _TransformSubset(base, train_idx, train_tf)
         val = _TransformSubset(base, val_idx, val_tf)
         classes = base.classes

@@ -6,10 +6,10 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Subset
 
-from nas_grouping.data.config import _check_fraction
+from nas_grouping.data.config import DataConfig, _check_fraction
 from nas_grouping.errors import ConfigError
 
-__all__ = ["split_dataset", "split_indices"]
+__all__ = ["split_dataset", "split_indices", "validation_indices", "refuse_holdout"]
 
 
 def _targets_of(dataset: Dataset) -> np.ndarray | None:
@@ -48,6 +48,29 @@ def split_indices(n: int, fraction: float, seed: int, targets: np.ndarray | None
     if first is None or second is None:
         first, second = train_test_split(indices, test_size=n_second, random_state=seed, shuffle=True)
     return sorted(int(i) for i in first), sorted(int(i) for i in second)
+
+
+def validation_indices(cfg: DataConfig, n: int, targets: np.ndarray | None
+                       ) -> tuple[list[int], list[int], dict[str, int | bool]]:
+    """Train and validation indices of a data set whose validation is carved from its ``n`` training images:
+    ``cfg.val_fraction`` of them with ``cfg.split_seed`` (the split results are reported on). With
+    ``cfg.holdout`` that split is set aside and a second one of the same size, carved from the rest with
+    seed ``split_seed + 1``, validates instead. Also returns what to record of it."""
+    train, val = split_indices(n, float(cfg.val_fraction), cfg.split_seed, targets)
+    if not cfg.holdout:
+        return train, val, {}
+    kept = np.asarray(train, dtype=np.int64)
+    first, second = split_indices(len(kept), len(val) / len(kept), cfg.split_seed + 1,
+                                  None if targets is None else np.asarray(targets)[kept])
+    return (sorted(int(i) for i in kept[first]), sorted(int(i) for i in kept[second]),
+            {"holdout": True, "reported_val_set_aside": len(val)})
+
+
+def refuse_holdout(cfg: DataConfig, why: str) -> None:
+    """A one-line error for ``cfg.holdout`` on a data set that ships its own validation split (``why``)."""
+    if cfg.holdout:
+        raise ConfigError(f"holdout: {cfg.dataset} {why}, so there is no carved split to set aside; tune on that "
+                          "validation split and report on a test split kept apart, or drop --holdout")
 
 
 def split_dataset(dataset: Dataset, fraction: float, *, seed: int) -> tuple[Subset, Subset]:
