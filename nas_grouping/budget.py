@@ -158,19 +158,27 @@ def parse_latency_budget(text: str | float, dense_ms: float) -> float:
 
 
 def groups_at_budget(model: nn.Module, input_size: Sequence[int], budget: float | int,
-                     max_combinations: int = 200_000) -> dict[str, int]:
+                     max_combinations: int = 200_000, keep_dense: Sequence[str] = ()) -> dict[str, int]:
     """Near-uniform contiguous groups per DGConv layer whose MACs come closest to ``budget`` without passing it.
 
     The hand-set baseline at equal MACs: every layer takes G, the largest power of two whose
     uniform model still costs more than the budget, and a subset of layers takes 2G, chosen
     (exactly, over classes of layers that save equal MACs) so that the MACs land as close under the budget as the doubling steps
-    allow. Sets the groups on ``model`` and returns them. Raises BudgetError when even the
+    allow. Layers named in ``keep_dense`` stay at one group (a hand rule, e.g. the layers a search kept
+    dense). Sets the groups on ``model`` and returns them. Raises BudgetError when even the
     largest group counts do not fit.
     """
     cost = ModelCost(model, input_size)
     target = MacBudget.parse(budget).resolve(cost.dense_macs)
     cost.check_budget(target)
-    layers = cost.layers
+    unknown = sorted(set(keep_dense) - {name for name, _, _ in cost.layers})
+    if unknown:
+        raise ConfigError(f"keep_dense: no searchable layer named {', '.join(unknown)}; the searchable layers are "
+                          f"{', '.join(name for name, _, _ in cost.layers)}")
+    for name, layer, _ in cost.layers:
+        if name in keep_dense:
+            layer.set_groups(1)
+    layers = [entry for entry in cost.layers if entry[0] not in keep_dense]
 
     def set_uniform(g: int) -> None:
         for _, layer, _ in layers:
@@ -215,7 +223,7 @@ def groups_at_budget(model: nn.Module, input_size: Sequence[int], budget: float 
     for s, count in zip(savings, best[1]):
         for layer in classes[s][:count]:
             layer.set_groups(min(g, layer.max_groups) * 2)
-    return {name: layer.learned_groups for name, layer, _ in layers}
+    return {name: layer.learned_groups for name, layer, _ in cost.layers}
 
 
 #: A regularizer: (task loss, differentiable expected MACs, budget in MACs) -> the loss to minimise.

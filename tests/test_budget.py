@@ -214,3 +214,18 @@ def test_fixed_groups_read_the_groups_a_search_recorded(tmp_path):
     (tmp_path / "summary.json").write_text(json.dumps({"val_acc": 0.5}))
     with pytest.raises(ConfigError, match="records no per-layer groups"):
         SearchConfig(fixed_groups=str(tmp_path))
+
+
+def test_groups_at_budget_can_keep_named_layers_dense():
+    from nas_grouping.budget import ModelCost, groups_at_budget
+
+    model = get_space("resnet20", num_classes=10, in_channels=3)
+    keep = ["layer2.0.conv1", "layer3.0.conv1"]
+    groups = groups_at_budget(model, (3, 32, 32), 0.25, keep_dense=keep)
+    assert [groups[n] for n in keep] == [1, 1] and max(groups.values()) > 1
+    macs = ModelCost(model, (3, 32, 32)).current_macs()
+    assert 0.24 * 40_813_184 < macs <= 0.25 * 40_813_184
+    with pytest.raises(ConfigError, match="keep_dense: no searchable layer named layer9"):
+        groups_at_budget(model, (3, 32, 32), 0.25, keep_dense=["layer9"])
+    with pytest.raises(BudgetError):
+        groups_at_budget(model, (3, 32, 32), 0.25, keep_dense=list(groups))

@@ -257,3 +257,19 @@ def test_a_cell_another_process_trains_is_skipped_and_a_dead_process_lock_is_tak
     (tmp_path / "cells" / "dense-dense-1.json").unlink()
     (tmp_path / "cells" / "dense-dense-1.lock").write_text(json.dumps({"pid": os.getppid(), "host": host}))
     assert run_quality(cfg).empty  # every cell busy elsewhere: no table yet, and no error
+
+
+def test_uniform_cells_can_keep_layers_dense_and_are_kept_apart(tmp_path, monkeypatch):
+    calls = _fake_searches(monkeypatch, {"val_acc": 0.5, "epochs": 3, "dense_macs": 10})
+    keep = ["features.3", "features.7"]
+    with pytest.raises(ConfigError, match="keep_dense: no searchable layer named features.1"):  # before training
+        quality._Bench(QualityConfig(space_kwargs=SMALL, out=str(tmp_path), uniform_settings={"keep_dense": [
+            "features.1"]}))
+    bench = quality._Bench(QualityConfig(space_kwargs=SMALL, out=str(tmp_path), uniform_settings={"keep_dense": keep}))
+    row = bench.cell("uniform", 0.5, 0)
+    (name, kw), = calls
+    assert name.startswith("uniform-0.5-0-") and row["settings"] == {"uniform": {"keep_dense": keep}}
+    assert [kw["fixed_groups"][n] for n in keep] == [1, 1] and row["groups"] == kw["fixed_groups"]
+    for bad in ({"keep": ["a"]}, {"keep_dense": "features.1"}):
+        with pytest.raises(ConfigError, match="uniform_settings"):
+            QualityConfig(uniform_settings=bad)

@@ -32,7 +32,7 @@ import socket
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import pandas as pd
 import torch
@@ -78,6 +78,10 @@ class QualityConfig:
     search_settings: dict = setting({}, "SearchConfig settings of every search, search_from_dense and pipeline cell, "
                                     "as JSON (e.g. {\"budget_ramp\": 0.5}); cells with other settings "
                                     "are kept apart")
+    uniform_settings: dict = setting({}, "settings of the uniform cells, as JSON: {\"keep_dense\": [layer, ...]} "
+                                     "leaves those layers dense and groups the others to the budget (a hand rule, "
+                                     "e.g. the layers every search kept dense); cells with other settings are kept "
+                                     "apart")
     finetune_settings: dict = setting({}, "SelfGroupingConfig settings over the protocol's of every fine-tuning "
                                       "cell (self_grouping, pipeline, channels, torch_pruning*), as JSON (e.g. "
                                       "{\"distill\": 0.5}); cells with other settings are kept apart")
@@ -99,6 +103,11 @@ class QualityConfig:
             raise ConfigError(f"unknown method(s) {sorted(unknown)}; known: {', '.join(METHODS)}")
         if self.finetune_settings:
             config_from_dict(SelfGroupingConfig, dict(self.finetune_settings))  # unknown or bad settings: one line
+        keep = self.uniform_settings.get("keep_dense", []) if isinstance(self.uniform_settings, dict) else None
+        if (not isinstance(self.uniform_settings, dict) or set(self.uniform_settings) - {"keep_dense"}
+                or not isinstance(keep, list) or not all(isinstance(n, str) for n in keep)):
+            raise ConfigError(f"uniform_settings: expected {{\"keep_dense\": [layer names]}}, got "
+                              f"{self.uniform_settings!r}")
         if self.seeds < 1 or self.epochs < 3 or self.first_seed < 0:
             raise ConfigError("seeds must be >= 1, first_seed >= 0 and epochs >= 3")
 
@@ -112,16 +121,18 @@ class QualityConfig:
 
 
 def uniform_groups_for_budget(space: str, space_kwargs: dict, fraction: float, num_classes: int,
-                              input_size: tuple[int, ...]) -> tuple[dict[str, int], int] | None:
+                              input_size: tuple[int, ...], keep_dense: Sequence[str] = ()
+                              ) -> tuple[dict[str, int], int] | None:
     """Near-uniform contiguous groups per layer landing just under ``fraction`` of the dense MACs (see
-    ``groups_at_budget``), with their MACs; None when even the largest groups do not fit."""
+    ``groups_at_budget``; ``keep_dense`` layers stay dense), with their MACs; None when even the largest groups
+    do not fit."""
     from nas_grouping.budget import ModelCost, groups_at_budget
     from nas_grouping.errors import BudgetError
     from search_spaces import get_space
 
     model = get_space(space, num_classes=num_classes, in_channels=input_size[0], **space_kwargs)
     try:
-        groups = groups_at_budget(model, input_size, fraction)
+        groups = groups_at_budget(model, input_size, fraction, keep_dense=keep_dense)
     except BudgetError:
         return None
     return groups, ModelCost(model, input_size).current_macs()
@@ -207,6 +218,9 @@ class _Bench:
         self.cells.mkdir(parents=True, exist_ok=True)
         self.ds = load_datasets(cfg.data)
         self.size = (self.ds.in_channels, *self.ds.input_size)
+        if cfg.uniform_settings and "uniform" in cfg.methods:  # a misnamed layer: one line before any training
+            uniform_groups_for_budget(cfg.space, cfg.space_kwargs, 1.0, self.ds.num_classes, self.size,
+                                      keep_dense=cfg.uniform_settings.get("keep_dense", ()))
 
     def search_config(self, name: str, seed: int, **kw: Any) -> SearchConfig:
         base = dict(space=self.cfg.space, space_kwargs=self.cfg.space_kwargs, data=config_to_dict(self.cfg.data),
@@ -287,6 +301,8 @@ class _Bench:
         settings = dict(search_kw)
         if method in ("self_grouping", "pipeline", *PRUNE_AND_FINETUNE) and self.cfg.finetune_settings:
             settings["finetune"] = dict(self.cfg.finetune_settings)
+        if method == "uniform" and self.cfg.uniform_settings:
+            settings["uniform"] = dict(self.cfg.uniform_settings)
         if settings:
             key += "-" + hashlib.sha1(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:8]
         path = self.cells / f"{key}.json"
@@ -310,7 +326,7 @@ class _Bench:
             model, acc = r.model, r.summary["val_acc"]
         elif method == "uniform":
             found = uniform_groups_for_budget(self.cfg.space, self.cfg.space_kwargs, budget, self.ds.num_classes,
-                                              self.size)
+                                              self.size, keep_dense=self.cfg.uniform_settings.get("keep_dense", ()))
             if found is None:
                 row.update(status="infeasible: even the largest groups exceed the budget")
                 write_json(path, row)
@@ -439,7 +455,8 @@ def _check_folder(cfg: QualityConfig, out: Path) -> None:
 
 def _all_cells(cells: Path) -> pd.DataFrame:
     """Every cell written to the folder (by this run, earlier ones or other processes); cells run with
-    search_settings or finetune_settings are labelled by them, so they never pool with the default ones."""
+    search_settings, uniform_settings or finetune_settings are labelled by them, so they never pool with the
+    default ones."""
     rows = [json.loads(p.read_text()) for p in sorted(cells.glob("*.json"))]
     for row in rows:
         if row.get("settings"):
