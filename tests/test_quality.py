@@ -183,6 +183,10 @@ def test_a_folder_resumed_with_other_training_settings_is_refused_and_seeds_can_
     assert int(table[table["method"] == "dense"]["seeds"].iloc[0]) == 2
     with pytest.raises(ConfigError, match=r"epochs=3 \(now 4\)"):
         run_quality(QualityConfig(**{**first, "epochs": 4}))
+    saved = json.loads((tmp_path / "config.json").read_text())
+    del saved["data"]["holdout"]  # a folder made before the setting existed had its default: still resumable
+    (tmp_path / "config.json").write_text(json.dumps(saved))
+    run_quality(QualityConfig(**{**first, "first_seed": 2, "methods": ["dense"]}))
     from nas_grouping.cli import main
 
     assert main(["report", str(tmp_path)]) == 0  # the table again, from the cells, nothing trained

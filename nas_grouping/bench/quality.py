@@ -23,6 +23,7 @@ it, and a folder is refused when resumed with other training settings.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import io
 import json
@@ -445,12 +446,19 @@ def _check_folder(cfg: QualityConfig, out: Path) -> None:
     if not path.is_file():
         return
     old, new = json.loads(path.read_text()), config_to_dict(cfg)
-    pairs = [(k, old.get(k), new.get(k)) for k in _FOLDER_SETTINGS]
-    pairs += [(f"data.{k}", old.get("data", {}).get(k), new["data"].get(k)) for k in _FOLDER_DATA_SETTINGS]
+    # a setting added after the folder was made (absent from its config.json) had its default there
+    quality, data = _defaults(QualityConfig), _defaults(DataConfig)
+    pairs = [(k, old.get(k, quality.get(k)), new.get(k)) for k in _FOLDER_SETTINGS]
+    pairs += [(f"data.{k}", old.get("data", {}).get(k, data.get(k)), new["data"].get(k))
+              for k in _FOLDER_DATA_SETTINGS]
     differ = [f"{k}={a!r} (now {b!r})" for k, a, b in pairs if a != b]
     if differ:
         raise ConfigError(f"{out} holds cells trained with {', '.join(differ)}: resume it with those settings or "
                           "choose another --out")
+
+
+def _defaults(cls: type) -> dict[str, Any]:
+    return {f.name: f.default for f in dataclasses.fields(cls) if f.default is not dataclasses.MISSING}
 
 
 def _all_cells(cells: Path) -> pd.DataFrame:
