@@ -536,12 +536,13 @@ def format_quality_table(table: pd.DataFrame) -> str:
     if table.empty:
         return "no finished cell yet"
     nan = float("nan")
-    lines = [f"{'method':<34} {'budget':>6} {'seeds':>5} {'accuracy':>17} {'vs dense':>8} {'MACs':>6} "
+    w = max(6, *(len(m) for m in table["method"]))
+    lines = [f"{'method':<{w}} {'budget':>6} {'seeds':>5} {'accuracy':>17} {'vs dense':>8} {'MACs':>6} "
              f"{'executed':>8} {'b1':>6} {'b32':>6}"]
     for r in table.sort_values(["budget", "method"], ascending=[False, True]).itertuples():
         accuracy = f"{r.acc_mean:.4f}" + ("" if pd.isna(r.acc_std) else f" ± {r.acc_std:.4f}")
         change = getattr(r, "acc_change_points", nan)
-        lines.append(f"{r.method:<34} {'dense' if r.budget == 1 else f'{r.budget:g}':>6} {r.seeds:>5} "
+        lines.append(f"{r.method:<{w}} {'dense' if r.budget == 1 else f'{r.budget:g}':>6} {r.seeds:>5} "
                      f"{accuracy:>17} {'-' if pd.isna(change) else f'{change:+.2f}':>8} "
                      f"{_share(getattr(r, 'macs_fraction', nan)):>6} {_share(getattr(r, 'executed_fraction', nan)):>8} "
                      f"{_times(r.speedup_b1):>6} {_times(r.speedup_b32):>6}")
