@@ -277,3 +277,23 @@ def test_uniform_cells_can_keep_layers_dense_and_are_kept_apart(tmp_path, monkey
     for bad in ({"keep": ["a"]}, {"keep_dense": "features.1"}):
         with pytest.raises(ConfigError, match="uniform_settings"):
             QualityConfig(uniform_settings=bad)
+
+
+def test_a_cell_whose_run_stayed_on_another_machine_is_trained_again_when_another_cell_starts_from_it(
+        tmp_path, monkeypatch, caplog):
+    calls = _fake_searches(monkeypatch, {"val_acc": 0.5, "epochs": 3, "dense_macs": 10, "groups": {"a": 2}})
+    monkeypatch.setattr(quality._Bench, "costs", lambda self, model, seed: {"macs": 5})
+    bench = quality._Bench(QualityConfig(space_kwargs=SMALL, out=str(tmp_path)))
+    bench.cell("search", 0.25, 0)
+    bench.cell("search", 0.25, 0)
+    assert [name for name, _ in calls] == ["search-0.25-0"]  # finished: not rerun, run kept or not
+    import shutil
+
+    shutil.rmtree(tmp_path / "runs")  # the cells are committed, the runs are not: a fresh clone
+    bench.cell("search", 0.25, 0)
+    assert len(calls) == 1
+    with caplog.at_level("WARNING"):
+        row = bench.cell("search_retrain", 0.25, 0)
+    assert "cell search-0.25-0 finished where its run was kept" in caplog.text
+    assert [name for name, _ in calls] == ["search-0.25-0", "search-0.25-0", "search_retrain-0.25-0"]
+    assert row["groups"] == {"a": 2} and (tmp_path / "cells" / "search-0.25-0.json").is_file()

@@ -295,7 +295,10 @@ class _Bench:
         acc = evaluate(model, epoch_loader(self.ds.val, rt, batch_size=256, train=False, seed=0, epoch=0), rt)["acc"]
         return model.cpu().eval(), acc, {"pruning_ratio": ratio, "finetune_epochs": g.epochs}
 
-    def cell(self, method: str, budget: float | None, seed: int) -> dict[str, Any]:
+    def cell(self, method: str, budget: float | None, seed: int, *, need_run: bool = False) -> dict[str, Any]:
+        """A cell's row, trained unless it finished; ``need_run``: another cell starts from its run (the dense
+        model, the searched groups), so a cell that finished where its run stayed (another machine: runs are not
+        committed) is trained again here, its row replaced."""
         key = f"{method}-{'dense' if budget is None else budget}-{seed}"
         searching = method in ("search", "search_from_dense", "search_retrain", "pipeline")
         search_kw = dict(self.cfg.search_settings) if searching else {}
@@ -307,10 +310,18 @@ class _Bench:
         if settings:
             key += "-" + hashlib.sha1(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:8]
         path = self.cells / f"{key}.json"
-        if path.is_file():
+        if path.is_file() and not (need_run and self._lost_run(key)):
             return self.with_costs(key, path)
         with self._claim(key):
+            if path.is_file() and not (need_run and self._lost_run(key)):  # finished by another process meanwhile
+                return self.with_costs(key, path)
+            if path.is_file():
+                logger.warning("cell %s finished where its run was kept, not in %s: training it again, as "
+                               "another cell starts from it", key, self.out / "runs")
             return self._train_cell(key, path, method, budget, seed, settings, search_kw)
+
+    def _lost_run(self, key: str) -> bool:
+        return not (self.out / "runs" / key / "summary.json").is_file()
 
     def _claim(self, key: str) -> contextlib.AbstractContextManager:
         """Hold a cell while it trains, so two processes sharing the folder never write the same run (its
@@ -339,13 +350,13 @@ class _Bench:
             r = self.run_search(key, seed, budget=budget, **search_kw)
             model, acc = r.model, r.summary["val_acc"]
         elif method == "search_from_dense":  # the search starts from this seed's trained dense model
-            self.cell("dense", None, seed)
+            self.cell("dense", None, seed, need_run=True)
             dense_run = self.out / "runs" / f"dense-dense-{seed}"
             r = self.run_search(key, seed, budget=budget, init_from=str(dense_run), **search_kw)
             model, acc = r.model, r.summary["val_acc"]
             row["epochs_total"] = r.summary["epochs"] + json.loads((dense_run / "summary.json").read_text())["epochs"]
         elif method == "search_retrain":  # the searched groups trained from scratch as uniform groups are
-            self.cell("search", budget, seed)
+            self.cell("search", budget, seed, need_run=True)
             searched = self.out / "runs" / key.replace("search_retrain", "search", 1)
             groups = json.loads((searched / "summary.json").read_text())["groups"]
             r = self.run_search(key, seed, fixed_groups=groups)
@@ -355,7 +366,7 @@ class _Bench:
         elif method in PRUNE_AND_FINETUNE:
             from nas_grouping.export.model import load_model
 
-            self.cell("dense", None, seed)
+            self.cell("dense", None, seed, need_run=True)
             dense_run = self.out / "runs" / f"dense-dense-{seed}"
             model, acc, info = self.prune_and_finetune(method, load_model(dense_run / "model"), budget, seed)
             row.update(info, epochs_total=info["finetune_epochs"] + json.loads(
@@ -363,7 +374,7 @@ class _Bench:
         elif method == "self_grouping":
             from nas_grouping.export.model import load_model
 
-            self.cell("dense", None, seed)
+            self.cell("dense", None, seed, need_run=True)
             dense = load_model(self.out / "runs" / f"dense-dense-{seed}" / "model")
             model, acc = self.self_group(dense, budget, seed)
         else:  # pipeline: search at twice the budget, then self-group down to it
